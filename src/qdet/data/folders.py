@@ -135,12 +135,12 @@ def cifar10_folder(root: str | Path | None = None, *, mean: Sequence[float] = IM
     return ds
 
 
-def imagenette_folder(root: str | Path | None = None, *, resize: int | None = 224, crop: int | None = 224,
+def imagenette_folder(root: str | Path | None = None, *, resize: int | None = 256, crop: int | None = 224,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> ImageFolderDataset:
     """Imagenette val images (default `assets_dir()/imagenette/val`) with labels as ImageNet indices.
 
-    The bundled images are already 224×224, so the default Resize(224)+CenterCrop(224) is a no-op for them
-    and only normalises the size of other images; pass `resize=256` for the classic ImageNet eval crop.
+    The default Resize(256)+CenterCrop(224) is torchvision's ImageNet evaluation pipeline (the one its
+    reference accuracies use); the bundled images are 224×224, so pass `resize=None` to feed them as they are.
 
     Example:
         >>> ds = imagenette_folder()  # doctest: +SKIP

@@ -40,7 +40,12 @@ class RangeObserver(ABC):
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.num_batches == 0:
             raise CalibrationError(f"no calibration data reached {self._where()}; is the calibration set empty?")
-        return self._range()
+        lo, hi = self._range()
+        if bool((lo == 0).all()) and bool((hi == 0).all()):
+            raise CalibrationError(
+                f"all calibration values at {self._where()} are zero; the calibration set does not exercise it"
+            )
+        return lo, hi
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.range()

@@ -1,0 +1,177 @@
+"""`QuantizedModel`: the float model's copy with its regions rewritten, plus what defines it.
+
+It runs as the fake-quant *reference* runtime (float arithmetic on int-grid values); runtimes in
+`qdet.runtimes` lower its regions to real int8 kernels. Numbers travel with it: `metrics` holds
+measured results and `save()` writes them next to the weights.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from qdet.config import QuantConfig
+from qdet.errors import ConfigError
+from qdet.quant.calibrate import calibrate, default_transform
+from qdet.quant.prepare import LayerRecord, PreparedRegion, check_patterns, prepare_region
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Where to quantize: a submodule path and module types the tracer keeps opaque."""
+
+    path: str = ""
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+
+
+class QuantizedModel(nn.Module):
+    """A quantized copy of a float model. Call it like the float model.
+
+    Attributes: model (the rewritten copy), config, regions (path → PreparedRegion),
+    input_shapes (per region, for rebuilding on load), model_name, metrics (measured numbers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        regions: dict[str, PreparedRegion],
+        input_shapes: dict[str, list[list[int]]],
+        model_name: str = "",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.regions = regions
+        self.input_shapes = input_shapes
+        self.model_name = model_name
+        self.metrics: dict[str, Any] = {}
+        self.calibration_batches = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        return [rec for region in self.regions.values() for rec in region.layers]
+
+    def layer_names(self) -> list[str]:
+        return [rec.name for rec in self.layers]
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        raise ConfigError(f"region {path!r} is not a submodule of {type(model).__name__}") from None
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Replace the submodule at `path` (returns the new root when path is "")."""
+    if not path:
+        return module
+    parent, _, name = path.rpartition(".")
+    setattr(_get(model, parent), name, module)
+    return model
+
+
+def capture_region_inputs(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) -> dict[str, tuple[Any, ...]]:
+    """Run `run()` once and record the positional inputs each region receives first."""
+    captured: dict[str, tuple[Any, ...]] = {}
+    handles = []
+    for path in paths:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], path: str = path) -> None:
+            captured.setdefault(path, args)
+        handles.append(_get(model, path).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in captured]
+    if missing:
+        raise ConfigError(f"regions {missing} were never called by the model's forward")
+    return captured
+
+
+def _shapes(args: tuple[Any, ...]) -> list[list[int]]:
+    return [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+
+
+def build_quantized(
+    model: nn.Module,
+    regions: Sequence[RegionSpec],
+    cfg: QuantConfig,
+    example_run: Callable[[nn.Module], Any],
+    *,
+    model_name: str = "",
+) -> QuantizedModel:
+    """Copy `model`, trace and prepare each region using the inputs `example_run` feeds it.
+
+    The returned model is prepared but not calibrated (quantizers pass values through).
+    """
+    work = copy.deepcopy(model).eval()
+    paths = [r.path for r in regions]
+    inputs = capture_region_inputs(work, paths, lambda: example_run(work))
+    prepared: dict[str, PreparedRegion] = {}
+    for spec in regions:
+        region = prepare_region(_get(work, spec.path), inputs[spec.path], cfg, prefix=spec.path, leaf_types=spec.leaf_modules)
+        prepared[spec.path] = region
+    for path, region in prepared.items():
+        work = _set(work, path, region.module)
+    qm = QuantizedModel(work, cfg, prepared, {p: _shapes(a) for p, a in inputs.items()}, model_name)
+    check_patterns(cfg, qm.layer_names())
+    return qm
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    cfg: QuantConfig | None = None,
+    *,
+    regions: Sequence[RegionSpec] = (RegionSpec(),),
+    transform_fn: Callable[[Any], Any] = default_transform,
+    num_batches: int | None = None,
+    model_name: str = "",
+    progress: bool = True,
+) -> QuantizedModel:
+    """Post-training quantization: prepare, calibrate on `calib_data`, return a new model.
+
+    `transform_fn` maps one batch to the model's input (the inference preprocessing); the float
+    `model` is never modified.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).eval()
+    >>> _ = net(torch.randn(1, 3, 8, 8))
+    >>> batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    >>> qm = quantize(net, batches, QuantConfig(), progress=False)
+    >>> qm(batches[0]).shape
+    torch.Size([2, 4])
+    """
+    cfg = cfg or QuantConfig()
+    iterator = iter(calib_data)
+    first = next(iterator, None)
+    if first is None:
+        from qdet.errors import CalibrationError
+
+        raise CalibrationError("the calibration set is empty: no batch reached the model")
+
+    def example_run(m: nn.Module) -> Any:
+        inputs = transform_fn(first)
+        return m(*inputs) if isinstance(inputs, tuple) else m(inputs)
+
+    qm = build_quantized(model, regions, cfg, example_run, model_name=model_name)
+    remaining = None if num_batches is None else max(num_batches - 1, 0)
+    batches = _chain_first(first, iterator, remaining)
+    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress)
+    return qm
+
+
+def _chain_first(first: Any, rest: Iterable[Any], limit: int | None) -> Iterable[Any]:
+    import itertools
+
+    tail = rest if limit is None else itertools.islice(rest, limit)
+    return itertools.chain([first], tail)

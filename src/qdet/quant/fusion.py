@@ -1,0 +1,75 @@
+"""Graph fusions done before quantizers go in: Conv-BN folding.
+
+Folding BN into the preceding conv is exact in float (up to rounding):
+    w' = w · γ / √(σ² + ε)          b' = (b − μ) · γ / √(σ² + ε) + β
+so the quantizer sees the weights that will actually run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+
+def fold_bn_weights(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weight, bias) of the conv with `bn` folded in; weight is (C_out, ...)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+    factor = gamma * inv_std  # (C_out,)
+    w = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return w, (b - bn.running_mean) * factor + beta
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d (with bias) equal to bn(conv(x)) in eval mode."""
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        w, b = fold_bn_weights(conv.weight, conv.bias, bn)
+        fused.weight.copy_(w)
+        fused.bias.copy_(b)
+    return fused
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
+    """Fold every `conv → bn` pair (conv output used only by the bn) in place; returns folded names.
+
+    The conv module is replaced by a fused copy, so a conv shared with other code is never mutated.
+    """
+    folded: list[str] = []
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, nn.BatchNorm2d) or not node.args:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            continue
+        conv = _module(gm, src)
+        if type(conv) is not nn.Conv2d or len(src.users) != 1 or bn.track_running_stats is False:
+            continue
+        _set_submodule(gm, str(src.target), fold_conv_bn(conv, bn))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded.append(str(src.target))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

@@ -1,0 +1,403 @@
+"""Insert quantizers into a traced region.
+
+Rules (seed 002 §6.5, seed 003 residual policies):
+  * weights of Conv2d/Linear are quantized (per channel by default), BN folded first;
+  * the *output* of every value-changing op is quantized: conv/linear (after a fused ReLU/ReLU6),
+    residual add (after its ReLU), concatenation, mul, SiLU/sigmoid/pooling/...;
+  * ops that keep values on their input's grid (max-pool, flatten, reshape, nearest upsample,
+    slicing, ReLU of a quantized value) re-apply the input's qparams (a TiedQuantizer), so that
+    exported QDQ graphs keep every int8 kernel fed with int8;
+  * the region's tensor inputs are quantized;
+  * with ResidualPolicy.FUSE_CONV_ADD a conv that only feeds an add is not re-quantized.
+Names: every quantized layer is named by its module path in the *whole* model (e.g.
+"layer1.0.conv1", "layer1.0.add"), which is what skip lists, overrides and reports use.
+"""
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+
+from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
+from qdet.errors import ConfigError
+from qdet.quant.fusion import fold_batchnorms
+from qdet.quant.quantizer import (
+    CastQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    Quantizer,
+    TiedQuantizer,
+    make_weight_quantizer,
+)
+
+_FUSABLE_ACT_MODULES = (nn.ReLU, nn.ReLU6)
+_FUSABLE_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+_PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReLU)
+_PASSTHROUGH_FUNCTIONS: set[Any] = {
+    torch.flatten, F.max_pool2d, operator.getitem, torch.reshape, torch.transpose,
+    torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, F.relu, torch.relu,
+}
+_PASSTHROUGH_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split",
+    "squeeze", "unsqueeze", "__getitem__", "relu",
+}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_MULTI_INPUT_FUNCTIONS = _ADD_FUNCTIONS | {operator.mul, torch.mul, torch.cat, torch.concat}
+
+
+@dataclass
+class LayerRecord:
+    """One quantized point, for reports and lowering."""
+
+    name: str  # module path in the whole model
+    kind: str  # "conv", "linear", "add", "cat", "input", "act", ...
+    quantizer: str  # attribute name of its output quantizer in the region GraphModule ("" if none)
+    weight_quantizer: str = ""  # "<module>.weight_quant" for conv/linear
+    format: Format = Format.INT
+
+
+@dataclass
+class PreparedRegion:
+    """A region rewritten with quantizers, plus the record of what was quantized."""
+
+    path: str
+    module: fx.GraphModule
+    layers: list[LayerRecord] = field(default_factory=list)
+    folded_bn: list[str] = field(default_factory=list)
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    """Symbolically trace `module`; a clear ConfigError when its forward is not traceable."""
+    tracer = _LeafTracer(leaf_types)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:  # fx raises many types; the user needs the module and the reason
+        raise ConfigError(
+            f"cannot trace {type(module).__name__} for quantization ({type(exc).__name__}: {exc}); "
+            "declare a smaller region or mark the offending submodule as a leaf in the adapter"
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+class _Inserter:
+    """Walks one traced graph in order and inserts quantizers by the rules above."""
+
+    def __init__(self, gm: fx.GraphModule, prefix: str, cfg: QuantConfig) -> None:
+        self.gm = gm
+        self.prefix = prefix
+        self.cfg = cfg
+        self.out_q: dict[fx.Node, fx.Node] = {}  # node → its quantizer node (value on an int grid)
+        self.source_q: dict[fx.Node, Quantizer] = {}  # node → Quantizer whose grid its value is on
+        self.layers: list[LayerRecord] = []
+        self.used_names: set[str] = set()
+
+    # ---------- naming and per-layer config ----------
+    def layer_name(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return _join(self.prefix, str(node.target))
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.keys())[-1].split("@")[0] if stack else ""
+        base = str(node.target.__name__ if callable(node.target) else node.target)
+        name = _join(self.prefix, _join(owner, base.strip("_")))
+        unique, i = name, 1
+        while unique in self.used_names:
+            unique, i = f"{name}_{i}", i + 1
+        self.used_names.add(unique)
+        return unique
+
+    def format_of(self, name: str) -> Format:
+        for pattern in self.cfg.skip:
+            if fnmatch.fnmatchcase(name, pattern):
+                return Format.FLOAT
+        fmt = self.cfg.format
+        for ov in self.cfg.overrides:
+            if ov.format is not None and fnmatch.fnmatchcase(name, ov.pattern):
+                fmt = ov.format
+        return fmt
+
+    def spec_of(self, name: str, which: str) -> QuantSpec:
+        spec: QuantSpec = getattr(self.cfg, which)
+        for ov in self.cfg.overrides:
+            override: QuantSpec | None = getattr(ov, which)
+            if override is not None and fnmatch.fnmatchcase(name, ov.pattern):
+                spec = override
+        return spec
+
+    # ---------- graph edits ----------
+    def add_module(self, stem: str, module: nn.Module) -> str:
+        attr = "q_" + stem.replace(".", "_")
+        i = 1
+        while hasattr(self.gm, attr):
+            attr, i = f"q_{stem.replace('.', '_')}_{i}", i + 1
+        self.gm.add_submodule(attr, module)
+        return attr
+
+    def insert_after(self, node: fx.Node, module: nn.Module, stem: str, *, exclude: set[fx.Node] = frozenset()) -> fx.Node:
+        attr = self.add_module(stem, module)
+        users = [u for u in node.users if u not in exclude]
+        with self.gm.graph.inserting_after(node):
+            qnode = self.gm.graph.call_module(attr, (node,))
+        for user in users:
+            user.replace_input_with(node, qnode)
+        return qnode
+
+    def quantize_output(self, node: fx.Node, name: str, kind: str, fmt: Format, weight_quantizer: str = "") -> None:
+        """Quantize the value of `node` (every current user then reads the quantized value)."""
+        if fmt is Format.FLOAT:
+            self.layers.append(LayerRecord(name, kind, "", format=fmt))
+            return
+        if fmt in (Format.FP16, Format.BF16):
+            module: nn.Module = CastQuantizer(fmt, name)
+        else:
+            module = Quantizer(self.spec_of(name, "activations"), name)
+        qnode = self.insert_after(node, module, f"{name}.out" if kind != "input" else name)
+        self.out_q[node] = qnode
+        if isinstance(module, Quantizer):
+            self.source_q[node] = module
+            self.source_q[qnode] = module
+        self.layers.append(LayerRecord(name, kind, str(qnode.target), weight_quantizer, fmt))
+
+    def ensure_input_quantized(self, consumer: fx.Node) -> None:
+        """A quantized op must read int-grid values: quantize float inputs on that edge."""
+        for arg in _tensor_args(consumer):
+            if arg in self.source_q or arg in self.out_q.values() or not _is_float_tensor(arg):
+                continue
+            name = self.layer_name(arg) + ".in" if arg.op != "placeholder" else _join(self.prefix, arg.name)
+            module = Quantizer(self.spec_of(name, "activations"), name)
+            attr = self.add_module(name, module)
+            with self.gm.graph.inserting_after(arg):
+                qnode = self.gm.graph.call_module(attr, (arg,))
+            consumer.replace_input_with(arg, qnode)
+            self.source_q[qnode] = module
+            self.layers.append(LayerRecord(name, "input", attr))
+
+    # ---------- the pass ----------
+    def run(self) -> list[LayerRecord]:
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                if _is_float_tensor(node):
+                    self.quantize_output(node, _join(self.prefix, node.name), "input", self.cfg.format)
+            elif node.op in ("call_module", "call_function", "call_method"):
+                self.visit(node)
+        self.gm.graph.lint()
+        self.gm.recompile()
+        return self.layers
+
+    def visit(self, node: fx.Node) -> None:
+        if not _is_float_tensor(node) and not _is_tensor_tuple(node):
+            return
+        if _is_fused_activation(self.gm, node) and self._producer_absorbs(node):
+            return  # handled by the op it follows
+        if self._is_passthrough(node):
+            self._tie(node)
+            return
+        mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        name = self.layer_name(node)
+        fmt = self.format_of(name)
+        kind = _kind(node, mod)
+        if kind in ("conv", "linear") and mod is not None:
+            self._quantize_weight(node, mod, name, fmt)
+        if kind in ("conv", "linear", "add", "cat", "mul") and fmt is not Format.FLOAT:
+            self.ensure_input_quantized(node)
+        out_node = node
+        act = _single_fused_activation_user(self.gm, node) if kind in ("conv", "linear", "add") else None
+        if act is not None:
+            out_node = act
+        if kind == "conv" and self.cfg.residual is ResidualPolicy.FUSE_CONV_ADD and act is None and _feeds_add_only(node):
+            self.layers.append(LayerRecord(name, kind, "", weight_quantizer=f"{node.target}.weight_quant", format=fmt))
+            return
+        if self._is_region_output(out_node) and not self.cfg.quantize_outputs:
+            self.layers.append(LayerRecord(name, kind, "", weight_quantizer=self._wq(node, kind), format=fmt))
+            return
+        self.quantize_output(out_node, name, kind, fmt, self._wq(node, kind))
+
+    def _wq(self, node: fx.Node, kind: str) -> str:
+        if kind not in ("conv", "linear"):
+            return ""
+        mod = self.gm.get_submodule(str(node.target))
+        return f"{node.target}.weight_quant" if isinstance(mod, (QuantConv2d, QuantLinear)) else ""
+
+    def _producer_absorbs(self, act: fx.Node) -> bool:
+        src = act.args[0] if act.args else None
+        if not isinstance(src, fx.Node) or len(src.users) != 1:
+            return False
+        mod = self.gm.get_submodule(str(src.target)) if src.op == "call_module" else None
+        return _kind(src, mod) in ("conv", "linear", "add")
+
+    def _is_passthrough(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.Upsample):
+                return mod.mode == "nearest"
+            return isinstance(mod, _PASSTHROUGH_MODULES)
+        if node.op == "call_method":
+            return node.target in _PASSTHROUGH_METHODS
+        if node.target is F.interpolate:
+            return node.kwargs.get("mode", "nearest") == "nearest"
+        if node.target is F.pad:
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            return mode == "constant" and not value
+        return node.target in _PASSTHROUGH_FUNCTIONS
+
+    def _tie(self, node: fx.Node) -> None:
+        src = node.args[0] if node.args else None
+        source = self.source_q.get(src) if isinstance(src, fx.Node) else None
+        if source is None:
+            return  # float in, float out: a quantized consumer will quantize it
+        if _is_tensor_tuple(node):
+            self.source_q[node] = source  # getitem on it ties to the same grid
+            return
+        qnode = self.insert_after(node, TiedQuantizer(source, source.layer_name), f"{node.name}.tied")
+        self.source_q[node] = source
+        self.source_q[qnode] = source
+
+    def _quantize_weight(self, node: fx.Node, mod: nn.Module, name: str, fmt: Format) -> None:
+        if fmt is Format.FLOAT:
+            return
+        if fmt in (Format.FP16, Format.BF16):
+            wq: nn.Module = CastQuantizer(fmt, name + ".weight")
+        else:
+            wq = make_weight_quantizer(mod.weight, self.spec_of(name, "weights"), name + ".weight")
+        new = QuantConv2d.from_float(mod, wq) if isinstance(mod, nn.Conv2d) else QuantLinear.from_float(mod, wq)
+        parent, _, attr = str(node.target).rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, new)
+
+    def _is_region_output(self, node: fx.Node) -> bool:
+        return any(u.op == "output" for u in node.users)
+
+
+def _kind(node: fx.Node, mod: nn.Module | None) -> str:
+    if mod is not None:
+        if isinstance(mod, nn.Conv2d):
+            return "conv"
+        if isinstance(mod, nn.Linear):
+            return "linear"
+        return type(mod).__name__.lower()
+    if node.op == "call_function":
+        if node.target in _ADD_FUNCTIONS and len(_tensor_args(node)) == 2:
+            return "add"
+        if node.target in (torch.cat, torch.concat):
+            return "cat"
+        if node.target in (operator.mul, torch.mul) and len(_tensor_args(node)) == 2:
+            return "mul"
+        return getattr(node.target, "__name__", "op")
+    if node.op == "call_method" and node.target in ("add", "add_") and len(_tensor_args(node)) == 2:
+        return "add"
+    return str(node.target)
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, fx.Node) and _is_float_tensor(a):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+
+    for a in node.args:
+        visit(a)
+    for a in node.kwargs.values():
+        visit(a)
+    return out
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point
+
+
+def _is_tensor_tuple(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, (tuple, list)) and len(meta) > 0 and all(hasattr(m, "dtype") for m in meta)
+
+
+def _is_fused_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _FUSABLE_ACT_MODULES)
+    if node.op == "call_function":
+        return node.target in _FUSABLE_ACT_FUNCTIONS
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if _is_fused_activation(gm, user) else None
+
+
+def _feeds_add_only(node: fx.Node) -> bool:
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return user.op == "call_function" and user.target in _ADD_FUNCTIONS
+
+
+def prepare_region(
+    module: nn.Module,
+    example_inputs: tuple[Any, ...],
+    cfg: QuantConfig,
+    *,
+    prefix: str = "",
+    leaf_types: tuple[type[nn.Module], ...] = (),
+) -> PreparedRegion:
+    """Trace `module`, fold BN, insert quantizers. `module` is not modified (it is traced, and the
+    BN-folded / quantized replacements are new modules), but callers pass a copy anyway.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    >>> region = prepare_region(net, (torch.randn(1, 3, 8, 8),), QuantConfig())
+    >>> [layer.name for layer in region.layers]
+    ['input_1', '0']
+    """
+    gm = trace(module, leaf_types)
+    folded = fold_batchnorms(gm)
+    _propagate_shapes(gm, example_inputs)
+    layers = _Inserter(gm, prefix, cfg).run()
+    return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded])
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise ConfigError(
+            f"running {gm.__class__.__name__} on the example input failed ({type(exc).__name__}: {exc}); "
+            "check the input shape and preprocessing"
+        ) from exc
+
+
+def check_patterns(cfg: QuantConfig, layer_names: list[str]) -> None:
+    """Every skip pattern / override must match a layer: a typo must not silently quantize it."""
+    import difflib
+
+    patterns = list(cfg.skip) + [ov.pattern for ov in cfg.overrides]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layer_names):
+            close = difflib.get_close_matches(pattern, layer_names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"layer name or pattern {pattern!r} matches no quantizable layer{hint}")
+

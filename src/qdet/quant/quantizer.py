@@ -1,0 +1,177 @@
+"""Quantizer modules inserted into a model: activation/weight fake-quant, tied and cast quantizers.
+
+A `Quantizer` has three independent switches, flipped by the phase context managers in
+`qdet.quant.calibrate`: `observing` (feed the observer), `enabled` (apply fake-quant), and
+`dynamic` (recompute qparams from every tensor: weights during QAT).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qdet.config import Format, QuantSpec
+from qdet.errors import CalibrationError
+from qdet.quant.observers import RangeObserver, make_observer
+from qdet.quant.qparams import compute_qparams, fake_quantize
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes a tensor with a scale/zero point learned by an observer.
+
+    >>> from qdet.config import default_activation_spec
+    >>> q = Quantizer(default_activation_spec(), "conv1")
+    >>> q.observing, q.enabled = True, False
+    >>> _ = q(torch.linspace(0, 1, 101)); q.finalize()
+    >>> float(q(torch.tensor(0.5))) == 0.5 or abs(float(q(torch.tensor(0.5))) - 0.5) <= float(q.scale) / 2
+    True
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "", channels: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer_name = name
+        shape = (channels,) if spec.axis is not None and channels else ()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.observer: RangeObserver | None = make_observer(spec, name)
+        self.observing = False
+        self.enabled = True
+        self.dynamic = False
+        self.calibrated = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            self._set_from(x.detach())
+        elif self.observing:
+            assert self.observer is not None
+            self.observer.update(x)
+        if not self.enabled or not (self.calibrated or self.dynamic):
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.axis)
+
+    def _set_from(self, x: torch.Tensor) -> None:
+        axis = self.spec.axis
+        if axis is None:
+            lo, hi = x.min(), x.max()
+        else:
+            flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+            lo, hi = flat.min(1).values, flat.max(1).values
+        self.set_qparams(*compute_qparams(lo, hi, self.spec.qmin, self.spec.qmax, symmetric=self.spec.symmetric))
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale = scale.detach().to(torch.float32).reshape(self.scale.shape if scale.numel() == 1 else -1)
+        self.zero_point = zero_point.detach().to(torch.int32).reshape(self.scale.shape)
+        self.calibrated = True
+
+    def finalize(self) -> None:
+        """Turn what the observer saw into qparams; raises CalibrationError naming the layer."""
+        if self.observer is None:
+            return
+        self.set_qparams(*self.observer.qparams())
+        self.observer = None
+        self.observing = False
+
+    def reset_observer(self) -> None:
+        self.observer = make_observer(self.spec, self.layer_name)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return self.spec.qmin, self.spec.qmax
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.spec.axis is not None else "per-tensor"
+        sign = "int" if self.spec.signed else "uint"
+        return f"{self.layer_name!r}, {sign}{self.spec.bits} {g}, {self.spec.observer.value}"
+
+
+class TiedQuantizer(nn.Module):
+    """Re-applies the quantization of its source (max-pool, flatten, nearest upsample, slicing keep
+    values on the input's grid). Exporters need it to see Q/DQ around these ops; numerically it is
+    idempotent. The source is held without registering it, so it is not a second submodule."""
+
+    def __init__(self, source: Quantizer, name: str = "") -> None:
+        super().__init__()
+        object.__setattr__(self, "source", source)
+        self.layer_name = name
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src: Quantizer = self.source  # type: ignore[assignment]
+        if not self.enabled or not src.enabled or not src.calibrated:
+            return x
+        return fake_quantize(x, src.scale, src.zero_point, src.spec.qmin, src.spec.qmax, src.spec.axis)
+
+
+class CastQuantizer(nn.Module):
+    """Round-trips a tensor through fp16 or bf16 (seed 003's half-float alternatives)."""
+
+    def __init__(self, fmt: Format, name: str = "") -> None:
+        super().__init__()
+        if fmt not in (Format.FP16, Format.BF16):
+            raise CalibrationError(f"CastQuantizer needs FP16 or BF16, got {fmt}")
+        self.format = fmt
+        self.layer_name = name
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        dtype = torch.float16 if self.format is Format.FP16 else torch.bfloat16
+        return x.to(dtype).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.layer_name!r}, {self.format.value}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weight passes through a quantizer (BN already folded into weight/bias)."""
+
+    weight_quant: nn.Module
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quant: nn.Module) -> "QuantConv2d":
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        )
+        q.weight = nn.Parameter(conv.weight.detach().clone())
+        if conv.bias is not None:
+            q.bias = nn.Parameter(conv.bias.detach().clone())
+        q.weight_quant = weight_quant
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """Linear whose weight passes through a quantizer."""
+
+    weight_quant: nn.Module
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quant: nn.Module) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q.weight = nn.Parameter(linear.weight.detach().clone())
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone())
+        q.weight_quant = weight_quant
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quant(self.weight), self.bias)
+
+
+def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec, name: str) -> Quantizer:
+    """A weight quantizer calibrated on the weight itself (weights need no data)."""
+    q = Quantizer(spec, name, channels=weight.shape[spec.axis] if spec.axis is not None else None)
+    assert q.observer is not None
+    q.observer.update(weight.detach())
+    try:
+        q.finalize()
+    except CalibrationError:
+        # an all-zero weight (pruned layer) still gets valid qparams: scale 1, zero point 0
+        q.set_qparams(torch.ones_like(q.scale), torch.zeros_like(q.zero_point))
+        q.observer = None
+    return q

@@ -1,0 +1,121 @@
+"""One interface for every place a quantized model runs.
+
+A runtime *lowers* a `QuantizedModel`: each quantized region is replaced by a module that executes
+it on the runtime (onnxruntime session, fbgemm int8 modules, ...); float islands stay in PyTorch.
+`quantized=False` lowers the same BN-folded graph without quantizers: the float baseline on the
+same runtime, so that speed-ups compare like with like.
+"""
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdet.errors import ConfigError, RuntimeUnavailable
+from qdet.qmodel import QuantizedModel, _get, _set
+from qdet.quant.calibrate import quantization_disabled
+from qdet.quant.prepare import PreparedRegion
+
+
+class Runtime(ABC):
+    """Lowers regions of a QuantizedModel; subclasses register themselves in RUNTIMES."""
+
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, *, threads: int | None = None) -> None:
+        self.threads = threads
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    @abstractmethod
+    def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
+        """Return a module that computes `region.module` on this runtime."""
+
+    def lower(self, qmodel: QuantizedModel, *, quantized: bool = True) -> nn.Module:
+        """A copy of `qmodel.model` whose regions run on this runtime."""
+        if not self.is_available():
+            raise RuntimeUnavailable(f"runtime {self.name!r} is not installed; {self.install_hint()}")
+        lowered = copy.deepcopy(qmodel.model)
+        for path, region in qmodel.regions.items():
+            shapes = qmodel.input_shapes.get(path)
+            if not shapes:
+                raise ConfigError(f"region {path!r} has no recorded input shape; re-quantize the model")
+            example = tuple(torch.zeros(s) for s in shapes)
+            region_copy = PreparedRegion(region.path, _get(lowered, path), region.layers, region.folded_bn)  # type: ignore[arg-type]
+            if quantized:
+                module = self.lower_region(region_copy, example, quantized=True)
+            else:
+                with quantization_disabled(region_copy.module):
+                    module = self.lower_region(region_copy, example, quantized=False)
+            lowered = _set(lowered, path, module)
+        return lowered.eval()
+
+    def install_hint(self) -> str:
+        return "pip install 'qdet[onnx]'"
+
+
+class ReferenceRuntime(Runtime):
+    """The fake-quant simulation itself (float arithmetic on int-grid values)."""
+
+    name = "reference"
+    description = "fake-quant simulation in PyTorch (float math on int8-grid values)"
+
+    def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
+        if quantized:
+            return region.module
+        return _FloatView(region.module)
+
+
+class _FloatView(nn.Module):
+    """Runs a prepared region with every quantizer disabled."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+
+    def forward(self, *args: Any) -> Any:
+        with quantization_disabled(self.inner):
+            return self.inner(*args)
+
+
+_RUNTIMES: dict[str, type[Runtime]] = {}
+
+
+def register_runtime(cls: type[Runtime]) -> type[Runtime]:
+    _RUNTIMES[cls.name] = cls
+    return cls
+
+
+register_runtime(ReferenceRuntime)
+
+
+def get_runtime(name: str, *, threads: int | None = None) -> Runtime:
+    """Runtime by name ("reference", "onnxruntime", "torch", "openvino")."""
+    _load_builtin_runtimes()
+    try:
+        cls = _RUNTIMES[name]
+    except KeyError:
+        raise ConfigError(f"unknown runtime {name!r}; choose one of: {', '.join(sorted(_RUNTIMES))}") from None
+    return cls(threads=threads)
+
+
+def runtime_names() -> list[str]:
+    _load_builtin_runtimes()
+    return sorted(_RUNTIMES)
+
+
+def _load_builtin_runtimes() -> None:
+    # Imported lazily: each pulls an optional dependency only when used.
+    import importlib
+
+    for mod in ("qdet.runtimes.onnxruntime", "qdet.runtimes.torch_int8"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # the module itself is missing in a partial install
+            pass
