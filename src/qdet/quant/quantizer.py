@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qdet.config import Format, QuantSpec
-from qdet.errors import CalibrationError
+from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.observers import RangeObserver, make_observer
 from qdet.quant.qparams import compute_qparams, fake_quantize
 
@@ -39,6 +39,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.dynamic = False
         self.calibrated = False
+        self.exporting = False  # emit ATen fake-quant ops, which ONNX exports as QuantizeLinear/DequantizeLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
@@ -48,6 +49,8 @@ class Quantizer(nn.Module):
             self.observer.update(x)
         if not self.enabled or not (self.calibrated or self.dynamic):
             return x
+        if self.exporting:
+            return export_fake_quantize(x, self)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.axis)
 
     def _set_from(self, x: torch.Tensor) -> None:
@@ -85,6 +88,21 @@ class Quantizer(nn.Module):
         return f"{self.layer_name!r}, {sign}{self.spec.bits} {g}, {self.spec.observer.value}"
 
 
+def export_fake_quantize(x: torch.Tensor, q: "Quantizer") -> torch.Tensor:
+    """The same numerics through ATen's fake-quant ops, whose ONNX symbolics emit Q/DQ pairs.
+
+    ONNX Q/DQ knows 8-bit ranges only; a narrow int8 range [-127, 127] is emitted as [-128, 127],
+    which is identical because our scale never maps a weight beyond ±127.
+    """
+    spec = q.spec
+    if spec.bits != 8:
+        raise ConfigError(f"layer {q.layer_name!r}: {spec.bits}-bit quantization cannot be exported to ONNX (8-bit only)")
+    qmin, qmax = (-128, 127) if spec.signed else (0, 255)
+    if spec.axis is not None and q.scale.numel() > 1:
+        return torch.fake_quantize_per_channel_affine(x, q.scale, q.zero_point, spec.axis, qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, float(q.scale), int(q.zero_point), qmin, qmax)
+
+
 class TiedQuantizer(nn.Module):
     """Re-applies the quantization of its source (max-pool, flatten, nearest upsample, slicing keep
     values on the input's grid). Exporters need it to see Q/DQ around these ops; numerically it is
@@ -100,6 +118,8 @@ class TiedQuantizer(nn.Module):
         src: Quantizer = self.source  # type: ignore[assignment]
         if not self.enabled or not src.enabled or not src.calibrated:
             return x
+        if src.exporting:
+            return export_fake_quantize(x, src)
         return fake_quantize(x, src.scale, src.zero_point, src.spec.qmin, src.spec.qmax, src.spec.axis)
 
 

@@ -1,0 +1,108 @@
+"""onnxruntime: regions exported as QDQ ONNX (our scales) and run by ORT's int8 kernels.
+
+ORT fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv (and likewise Add, Concat,
+pooling, Gemm/MatMul) when every input and output of the op carries Q/DQ — which is why
+`qdet.quant.prepare` quantizes every op's inputs and outputs, and ties pass-through ops.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from qdet.errors import RuntimeUnavailable
+from qdet.quant.prepare import PreparedRegion
+from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.onnx_export import export_region, save_model
+
+
+class _Flat(nn.Module):
+    """Takes flat tensors, rebuilds the region's input structure, returns flat outputs."""
+
+    def __init__(self, inner: nn.Module, in_spec: pytree.TreeSpec) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_spec = in_spec
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = pytree.tree_unflatten(list(flat), self.in_spec)
+        out, _ = pytree.tree_flatten(self.inner(*args))
+        return tuple(out)
+
+
+class OrtModule(nn.Module):
+    """An nn.Module facade over an onnxruntime session (float tensors in, float tensors out)."""
+
+    def __init__(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, threads: int | None, name: str = "") -> None:
+        super().__init__()
+        self.onnx_model = onnx_model
+        self.out_spec = out_spec
+        self.name = name
+        self.session = make_session(onnx_model.SerializeToString(), threads=threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *args: Any) -> Any:
+        flat, _ = pytree.tree_flatten(args)
+        feeds = {n: t.detach().cpu().numpy().astype(np.float32, copy=False) for n, t in zip(self.input_names, flat)}
+        outs = self.session.run(None, feeds)
+        return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], self.out_spec)
+
+    def save(self, path: str | Path) -> Path:
+        return save_model(self.onnx_model, path)
+
+    def fused_ops(self) -> dict[str, int]:
+        """Op types in ORT's optimised graph (e.g. how many QLinearConv ran int8)."""
+        import tempfile
+
+        import onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "opt.onnx"
+            make_session(self.onnx_model.SerializeToString(), threads=1, optimized_path=out)
+            counts: dict[str, int] = {}
+            for node in onnx.load(str(out)).graph.node:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
+
+def make_session(model_bytes: bytes, *, threads: int | None, optimized_path: Path | None = None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover
+        raise RuntimeUnavailable("onnxruntime is not installed; pip install 'qdet[onnx]'") from exc
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+@register_runtime
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    description = "QDQ ONNX with qdet's scales, run by onnxruntime's int8 CPU kernels"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
+        flat_in, in_spec = pytree.tree_flatten(example_inputs)
+        with torch.no_grad():
+            _, out_spec = pytree.tree_flatten(region.module(*example_inputs))
+        model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True)
+        return OrtModule(model, out_spec, threads=self.threads, name=region.path)
