@@ -107,7 +107,7 @@ def test_transform_fn_takes_images_from_the_batch() -> None:
     model = adapter.build(weights="random")
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
     fn = adapter.transform_fn(model)
-    assert fn((images, labels)) is images or torch.equal(fn((images, labels)), images)
+    assert torch.equal(fn((images, labels)), images)
     assert torch.equal(fn(images), images)
 
 
@@ -198,7 +198,7 @@ def test_bundled_cifar_weights_load_exactly(name: str, recwarn: pytest.WarningsR
 
 @pytest.mark.assets
 def test_bundled_resnet20_predicts_real_images() -> None:
-    from qdet.data.folders import cifar10_folder, make_loader, seeded_subset
+    from qdet.data.folders import make_loader, seeded_subset
     from qdet.eval.classification import evaluate_topk
 
     require_asset("weights/cifar10_resnet20.pt")
@@ -220,7 +220,8 @@ def test_float_top1_on_all_cifar10_test_images(name: str, reference: float) -> N
     adapter = REGISTRY.get(name)
     start = time.perf_counter()
     result = evaluate_topk(adapter.build(), make_loader(adapter.eval_dataset(), 256), progress=False)
-    elapsed = time.perf_counter() - start
+    # Timing is printed, not asserted: on an idle 2-core machine this takes 10 s (resnet20) / 17 s (resnet56),
+    # but a shared CI box can be several times slower and a wall-clock assert would only make the test flaky.
+    print(f"{name}: {result} in {time.perf_counter() - start:.1f} s")
     assert result.n_images == 10_000
     assert abs(result.top1 - reference) <= 0.1, result
-    assert elapsed < 60, f"{name} evaluation took {elapsed:.1f} s"

@@ -115,12 +115,36 @@ def build_quantized(
     The returned model is prepared but not calibrated (quantizers pass values through).
     """
     work = copy.deepcopy(model).eval()
-    paths = [r.path for r in regions]
-    inputs = capture_region_inputs(work, paths, lambda: example_run(work))
+    inputs = capture_region_inputs(work, [r.path for r in regions], lambda: example_run(work))
+    return _assemble(work, regions, cfg, inputs, model_name)
+
+
+def build_quantized_from_shapes(
+    model: nn.Module,
+    regions: Sequence[RegionSpec],
+    cfg: QuantConfig,
+    input_shapes: dict[str, list[list[int]]],
+    *,
+    model_name: str = "",
+) -> QuantizedModel:
+    """Like `build_quantized`, tracing each region on zeros of the recorded shapes (used on load)."""
+    work = copy.deepcopy(model).eval()
+    inputs = {r.path: tuple(torch.zeros(s) for s in input_shapes[r.path]) for r in regions}
+    return _assemble(work, regions, cfg, inputs, model_name)
+
+
+def _assemble(
+    work: nn.Module,
+    regions: Sequence[RegionSpec],
+    cfg: QuantConfig,
+    inputs: dict[str, tuple[Any, ...]],
+    model_name: str,
+) -> QuantizedModel:
     prepared: dict[str, PreparedRegion] = {}
     for spec in regions:
-        region = prepare_region(_get(work, spec.path), inputs[spec.path], cfg, prefix=spec.path, leaf_types=spec.leaf_modules)
-        prepared[spec.path] = region
+        prepared[spec.path] = prepare_region(
+            _get(work, spec.path), inputs[spec.path], cfg, prefix=spec.path, leaf_types=spec.leaf_modules
+        )
     for path, region in prepared.items():
         work = _set(work, path, region.module)
     qm = QuantizedModel(work, cfg, prepared, {p: _shapes(a) for p, a in inputs.items()}, model_name)

@@ -191,7 +191,7 @@ class TorchvisionClassifierAdapter(_ClassifierAdapter):
         key = weights.removeprefix(f"{enum.__name__}.")
         if key in enum.__members__:
             return enum[key]
-        if key.isupper() and not Path(weights).exists():
+        if key.isupper() and not any(c in key for c in "./\\") and not Path(weights).exists():
             # Looks like an enum name ("IMAGENET1K_V3") rather than a path: say which names exist.
             raise ConfigError(f"unknown torchvision weights {weights!r} for {self.name}; "
                               f"known: {', '.join(enum.__members__)}, or a state-dict file")

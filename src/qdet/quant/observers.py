@@ -31,8 +31,9 @@ class RangeObserver(ABC):
         x = x.detach().float()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
-            bad = "NaN" if torch.isnan(x).any() else "inf"
+        lo, hi = torch.aminmax(x)  # NaN propagates through min/max: cheaper than isfinite(x).all()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            bad = "NaN" if torch.isnan(lo) or torch.isnan(hi) else "inf"
             raise CalibrationError(f"calibration batch produced {bad} at {self._where()}; check the input data")
         self.num_batches += 1
         self._update(x)
@@ -119,7 +120,7 @@ class _HistogramBase(RangeObserver):
             new_hi = new_lo + 1e-12
         if (new_lo, new_hi) != (self.lo, self.hi):
             self._rebin(new_lo, new_hi)
-        self.hist += torch.histc(x.double(), bins=self.bins, min=self.lo, max=self.hi)
+        self.hist += torch.histc(x, bins=self.bins, min=self.lo, max=self.hi).double()
 
     def _rebin(self, lo: float, hi: float) -> None:
         if self.hist.sum() > 0:

@@ -106,8 +106,15 @@ class TorchInt8Runtime(Runtime):
             # torch warns once per process that quantized tensors are deprecated: known, see docstring.
             warnings.filterwarnings("ignore", message=r"(?s).*quantiz.*deprecated")
             lowered = _Lowering(gm).run()
-            with torch.no_grad():
-                lowered(*example_inputs)  # fail here, naming the region, rather than on first use
+            try:
+                with torch.no_grad():
+                    lowered(*example_inputs)  # fail here, naming the region, rather than on first use
+            except Exception as exc:  # a kernel refusing an op/shape: name the region, keep the cause
+                raise ConfigError(
+                    f"region {region.path or '<model>'!r} lowered to int8 kernels but does not run "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "skip the offending layer or use the reference runtime"
+                ) from exc
         return lowered
 
 
@@ -176,7 +183,7 @@ def _int8_conv(mod: QuantConv2d, relu: bool, out: QParams) -> nn.Module | None:
 
 def _int8_linear(mod: QuantLinear, relu: bool, out: QParams) -> nn.Module:
     cls = nniq.LinearReLU if relu else nnq.Linear
-    q = cls(mod.in_features, mod.out_features, bias_=mod.bias is not None)
+    q = cls(mod.in_features, mod.out_features, mod.bias is not None)  # Linear: bias_, LinearReLU: bias
     q.set_weight_bias(_quantized_weight(mod), _bias(mod))
     q.scale, q.zero_point = out
     return q

@@ -1,0 +1,144 @@
+"""The verbs: quantize, evaluate, lower, benchmark, export, save/load — thin orchestration.
+
+    >>> import qdet  # doctest: +SKIP
+    >>> adapter = qdet.get_adapter("resnet56")  # doctest: +SKIP
+    >>> model = adapter.build()  # doctest: +SKIP
+    >>> calib = qdet.calibration_loader(adapter, images=512, seed=0)  # doctest: +SKIP
+    >>> qm = qdet.quantize(model, calib, qdet.QuantConfig(), adapter=adapter)  # doctest: +SKIP
+    >>> qdet.evaluate(qm, adapter).top1  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from qdet import artifact
+from qdet.bench.latency import Latency, measure_latency
+from qdet.config import QuantConfig
+from qdet.errors import ConfigError
+from qdet.models.base import ModelAdapter, Task
+from qdet.qmodel import QuantizedModel, RegionSpec
+from qdet.qmodel import quantize as _quantize
+from qdet.quant.calibrate import default_transform
+from qdet.runtimes.base import get_runtime
+
+
+def get_adapter(name: str) -> ModelAdapter:
+    """The adapter registered under `name` (see `qdet list`)."""
+    from qdet.models import REGISTRY
+
+    return REGISTRY.get(name)
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    cfg: QuantConfig | None = None,
+    *,
+    adapter: ModelAdapter | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Post-training quantization of `model` on `calib_data`; returns a new QuantizedModel.
+
+    With an `adapter`, its regions (what is int8, where the float islands are) and its
+    `transform_fn` (the inference preprocessing) are used; otherwise the whole model is one region.
+    """
+    regions: Sequence[RegionSpec] = (RegionSpec(),)
+    name = ""
+    if adapter is not None:
+        regions = [RegionSpec(r.path, r.leaf_modules) for r in adapter.regions(model)]
+        transform_fn = transform_fn or adapter.transform_fn(model)
+        name = adapter.name
+    return _quantize(
+        model, calib_data, cfg, regions=regions, transform_fn=transform_fn or default_transform,
+        num_batches=num_batches, model_name=name, progress=progress,
+    )
+
+
+def lower(qmodel: QuantizedModel, runtime: str = "onnxruntime", *, quantized: bool = True, threads: int | None = None) -> nn.Module:
+    """Run `qmodel` on a runtime; `quantized=False` gives the float baseline on that runtime."""
+    return get_runtime(runtime, threads=threads).lower(qmodel, quantized=quantized)
+
+
+def evaluate(model: nn.Module | Callable[..., Any], adapter: Any, data: Any = None, *, progress: bool = True, batch_size: int = 256) -> Any:
+    """Evaluate any runnable (float model, QuantizedModel, lowered runtime model) with the adapter's metric.
+
+    Classification: top-1/top-5 over `data` (a Dataset; default the adapter's evaluation set).
+    """
+    if adapter.task is Task.CLASSIFICATION:
+        from qdet.data.folders import make_loader
+        from qdet.eval.classification import evaluate_topk
+
+        dataset = data if data is not None else adapter.eval_dataset()
+        return evaluate_topk(model, make_loader(dataset, batch_size), progress=progress)
+    evaluate_detection = getattr(adapter, "evaluate", None)
+    if evaluate_detection is None:
+        raise ConfigError(f"model {adapter.name!r} has no evaluation defined")
+    return evaluate_detection(model, data, progress=progress)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One model on one runtime: size on disk and latency."""
+
+    name: str
+    runtime: str
+    size_mb: float | None
+    latency: Latency
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("latency"))
+        return d
+
+
+def benchmark(
+    models: Mapping[str, tuple[str, nn.Module | Callable[..., Any], float | None]],
+    inputs: tuple[Any, ...],
+    *,
+    threads: int = 2,
+    warmup: int = 3,
+    repeats: int = 20,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Time each model on the same `inputs` with the same thread count, in one run.
+
+    `models`: label → (runtime name, callable, size in MB or None).
+    """
+    rows = []
+    for label, (runtime, fn, size) in models.items():
+        lat = measure_latency(lambda fn=fn: fn(*inputs), threads=threads, warmup=warmup, repeats=repeats,
+                              progress=progress, desc=f"timing {label}")
+        rows.append(BenchRow(label, runtime, size, lat))
+    return rows
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | Path, *, quantized: bool = True) -> Path:
+    """Write the (single-region) quantized model as a QDQ ONNX file carrying qdet's scales."""
+    if list(qmodel.regions) != [""]:
+        raise ConfigError("ONNX export of a whole file needs a single whole-model region; lower() detectors instead")
+    lowered = lower(qmodel, "onnxruntime", quantized=quantized)
+    return lowered.save(path)  # type: ignore[operator]
+
+
+def onnx_size_mb(qmodel: QuantizedModel, *, quantized: bool) -> float:
+    """Size on disk of the model's ONNX file (int8 QDQ or fp32), measured by writing it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(qmodel, Path(tmp) / "m.onnx", quantized=quantized)
+        return path.stat().st_size / 1e6
+
+
+save = artifact.save
+load = artifact.load
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global RNG (calibration subsets use their own seeded generators)."""
+    torch.manual_seed(seed)

@@ -1,0 +1,44 @@
+"""`qdet bench`: float vs int8 size and latency on the same inputs and threads, in one run."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qdet import api
+from qdet.config import QuantConfig
+from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, calibration_loader
+
+
+def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
+    adapter = api.get_adapter(args.model)
+    model = adapter.build(args.weights)
+    opts = JobOptions(calib_images=args.calib_images, calib_batch=args.calib_batch, seed=args.seed,
+                      runtime=args.runtime, threads=args.threads, repeats=args.repeats, data=args.data,
+                      progress=not args.no_progress)
+    calib = calibration_loader(adapter, opts)
+    qm = api.load(args.qmodel, adapter.build(args.weights)) if args.qmodel else api.quantize(
+        model, calib, cfg, adapter=adapter, progress=opts.progress)
+    images = next(iter(calib))[0][: args.batch]
+    lowered_f = api.lower(qm, opts.runtime, quantized=False, threads=opts.threads)
+    lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = [_state_dict_size(model, Path(tmp) / "f.safetensors"),
+                 _saved_size(lowered_f, Path(tmp) / "f.onnx"), _saved_size(lowered_q, Path(tmp) / "q.onnx")]
+    timed = api.benchmark(
+        {"float (PyTorch eager)": ("torch", model, sizes[0]),
+         f"float ({opts.runtime})": (opts.runtime, lowered_f, sizes[1]),
+         f"int8 ({opts.runtime})": (opts.runtime, lowered_q, sizes[2])},
+        (images,), threads=opts.threads, repeats=opts.repeats, progress=opts.progress,
+    )
+    eager, same = timed[0], timed[1]
+    rows: list[dict[str, Any]] = []
+    for t in timed:
+        rows.append({"model": t.name, "size_mb": t.size_mb, "latency_ms": t.latency.median_ms,
+                     "p90_ms": t.latency.p90_ms, "speedup_vs_eager": eager.latency.median_ms / t.latency.median_ms,
+                     "speedup_vs_same_runtime_fp32": same.latency.median_ms / t.latency.median_ms
+                     if t.runtime == same.runtime else None})
+    cols = ["model", "size_mb", "latency_ms", "p90_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
+    title = f"{adapter.name}: batch {images.shape[0]}, input {tuple(images.shape[1:])}, {opts.threads} threads, median of {opts.repeats}"
+    return JobResult(title, rows, cols, {"model": adapter.name, "threads": opts.threads, "batch": int(images.shape[0])})

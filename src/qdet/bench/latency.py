@@ -1,0 +1,58 @@
+"""Latency measurement: warm-up, pinned thread count, median and p90 over repeats."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    repeats: int
+    threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Pin PyTorch's intra-op threads for the block (restored afterwards)."""
+    old = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_latency(
+    fn: Callable[[], Any],
+    *,
+    threads: int,
+    warmup: int = 3,
+    repeats: int = 20,
+    progress: bool = False,
+    desc: str = "timing",
+) -> Latency:
+    """Time `fn()` (which must run the model on fixed inputs) `repeats` times after `warmup` calls."""
+    times: list[float] = []
+    with torch_threads(threads), torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return Latency(statistics.median(times), p90, statistics.fmean(times), repeats, threads)
