@@ -223,6 +223,9 @@ class EntropyObserver(_HistogramBase):
         h = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
         one_sided = self.lo >= 0 or self.hi <= 0
         levels = (self.spec.qmax - self.spec.qmin + 1) // (1 if one_sided else 2)
+        if h.sum() < 4 * self.bins:
+            # KL on a spiky histogram is noise: with too few samples keep the full range
+            return torch.tensor(self.lo), torch.tensor(self.hi)
         best_t, best_kl = self.bins, math.inf
         for t in range(max(levels, 8), self.bins + 1, max(1, self.bins // 256)):
             p = h[:t].clone()
