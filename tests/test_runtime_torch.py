@@ -168,6 +168,7 @@ def test_unsupported_ops_run_as_float_islands() -> None:
     lowered = get_runtime("torch").lower(qm)
     assert {"act", "sigmoid"} <= set(lowered.float_islands)
     assert "chunk" not in lowered.float_islands and "conv2" not in lowered.float_islands
+    assert "quantized.mul" in [str(n.target) for n in lowered.graph.nodes]  # conv2(b) * sigmoid(b)
 
 
 def test_resnet18_matches_reference() -> None:

@@ -17,7 +17,13 @@ Lowering is one pass over a prepared region's fx graph, by node/module type (no 
     region outputs                        → dequantized to float
 
 Every scale/zero point comes from qdet's calibrated quantizers, so the result agrees with the
-fake-quant reference `qmodel(x)` up to the kernels' own requantization rounding.
+fake-quant reference `qmodel(x)` up to the kernels' own requantization rounding. Caveat: on CPUs
+without AVX512-VNNI/AVX-VNNI, fbgemm multiplies u8×s8 pairs into int16 (vpmaddubsw), which can
+saturate with full-range uint8 activations; PyTorch's own x86 recipe uses 7-bit activations
+(reduce_range) for that. qdet keeps OUR 8-bit ranges, so expect larger deviations on such CPUs.
+
+`quantized=False` returns the same BN-folded graph with every quantizer node removed (plain
+conv/linear), i.e. fp32 eager PyTorch whatever the quantizers' `enabled` flags are later.
 
 Example:
     >>> import torch
@@ -283,9 +289,10 @@ class _Lowering(_Builder):
     # ---- values ----
     def as_float(self, old: fx.Node) -> fx.Node:
         new = self.env[old]
-        if new not in self.qp:
-            return new
-        if new not in self.deq:
+        return self.dequantized(new) if new in self.qp else new
+
+    def dequantized(self, new: fx.Node) -> fx.Node:
+        if new not in self.deq:  # one dequantize per quint8 value, however many float users
             self.deq[new] = self.graph.call_method("dequantize", (new,))
         return self.deq[new]
 
@@ -297,7 +304,7 @@ class _Lowering(_Builder):
         if self.qp.get(value) == target:
             return value
         if value in self.qp:  # requantize: different grid (rare: an input quantizer on a quint8 edge)
-            value = self.deq.get(value) or self.graph.call_method("dequantize", (value,))
+            value = self.dequantized(value)
         new = self.graph.call_function(torch.quantize_per_tensor, (value, target[0], target[1], torch.quint8))
         self.qp[new] = target
         return new
@@ -396,7 +403,7 @@ class _Lowering(_Builder):
             self.copy(node, self.env.__getitem__)
         else:
             if any(self.is_q(a) for a in _nodes(node.args, node.kwargs)):
-                self.float_islands.append(node.name)
+                self.float_islands.append(str(node.target) if node.op == "call_module" else node.name)
             self.copy(node, self.as_float)
 
     def keeps_grid(self, node: fx.Node) -> bool:

@@ -1,0 +1,57 @@
+"""The CLI end to end: help, list, the main job on real assets, errors as one line."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require_asset
+from qdet.cli import main
+
+
+def test_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("quantize", "eval", "bench", "list"):
+        assert verb in out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet56" in out and "histogram" in out and "onnxruntime" in out
+
+
+def test_unknown_observer_is_one_clear_line(capsys):
+    require_asset("weights/cifar10_resnet20.pt")
+    assert main(["quantize", "resnet20", "--observer", "kl-magic", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown observer 'kl-magic'" in err and "Traceback" not in err
+
+
+def test_unknown_model(capsys):
+    assert main(["quantize", "resnet9000"]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+
+
+@pytest.mark.assets
+def test_quantize_eval_resnet20_on_cifar(tmp_path):
+    require_asset("weights/cifar10_resnet20.pt")
+    require_asset("cifar10/test")
+    out, js = tmp_path / "r20.qdet", tmp_path / "r20.json"
+    cmd = [sys.executable, "-m", "qdet.cli", "quantize", "resnet20", "--calib-images", "128",
+           "--eval-images", "1000", "--no-bench", "--no-progress", "--out", str(out), "--json", str(js)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 (onnxruntime)" in proc.stdout
+    rows = {r["model"]: r for r in json.loads(js.read_text())["rows"]}
+    float_top1 = rows["float (PyTorch eager)"]["top1"]
+    assert 85 < float_top1 < 97  # a 1000-image subset of a 91.7 % model
+    assert abs(rows["int8 (onnxruntime)"]["top1"] - float_top1) < 1.5
+    assert rows["int8 (onnxruntime)"]["size_mb"] < 0.35 * rows["float (onnxruntime)"]["size_mb"]
+    assert out.is_file()
+    proc = subprocess.run([sys.executable, "-m", "qdet.cli", "eval", "resnet20", "--qmodel", str(out),
+                           "--eval-images", "500", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 (reference simulation)" in proc.stdout

@@ -1,0 +1,84 @@
+"""onnxruntime lowering: int8 kernels really run, outputs agree with the reference simulation."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qdet.api import export_onnx, lower
+from qdet.config import QuantConfig
+from qdet.errors import ConfigError
+from qdet.qmodel import quantize
+
+pytest.importorskip("onnxruntime")
+
+
+def _resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _batches(n=3, size=32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 3, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def qm():
+    return quantize(_resnet18(), _batches(), QuantConfig(), progress=False)
+
+
+def test_every_conv_add_pool_and_fc_runs_int8(qm):
+    ops = lower(qm, "onnxruntime").fused_ops()
+    assert ops.get("QLinearConv") == 20 and ops.get("QLinearAdd") == 8
+    assert ops.get("QGemm") == 1 and ops.get("QLinearGlobalAveragePool") == 1
+    assert "Conv" not in ops  # no conv fell back to float
+
+
+def test_int8_agrees_with_reference_within_output_steps(qm):
+    rt = lower(qm, "onnxruntime")
+    x = torch.cat(_batches(2))
+    with torch.no_grad():
+        ref, out = qm(x), rt(x)
+    step = float(qm.model.get_submodule(qm.layers[-1].quantizer).scale)
+    # each int8 kernel requantizes with its own rounding (±1 LSB per layer); over 20 layers the
+    # logits stay within a few output steps of the simulation
+    assert float((ref - out).abs().max()) <= 4 * step
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
+
+
+def test_float_lowering_matches_pytorch(qm):
+    rt = lower(qm, "onnxruntime", quantized=False)
+    x = torch.cat(_batches(1))
+    with torch.no_grad():
+        assert torch.allclose(rt(x), _resnet18()(x), atol=1e-4)
+
+
+def test_exported_file_stores_int8_weights(qm, tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    q_path = export_onnx(qm, tmp_path / "q.onnx")
+    f_path = export_onnx(qm, tmp_path / "f.onnx", quantized=False)
+    types = [init.data_type for init in onnx.load(str(q_path)).graph.initializer if len(init.dims) == 4]
+    assert types and all(t == TensorProto.INT8 for t in types)
+    assert q_path.stat().st_size < 0.3 * f_path.stat().st_size
+
+
+def test_reference_runtime_is_the_simulation(qm):
+    x = torch.cat(_batches(1))
+    with torch.no_grad():
+        assert torch.equal(lower(qm, "reference")(x), qm(x))
+
+
+def test_sub_8_bit_weights_refuse_onnx_export():
+    from qdet.config import default_weight_spec
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    q4 = quantize(m, [torch.randn(2, 3, 8, 8)], QuantConfig(weights=default_weight_spec(bits=4)), progress=False)
+    with pytest.raises(ConfigError, match="4-bit quantization cannot be exported"):
+        lower(q4, "onnxruntime")
+
+
+def test_unknown_runtime_is_a_config_error(qm):
+    with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'"):
+        lower(qm, "tensorrt")
