@@ -100,6 +100,9 @@ def test_fuse_conv_add_removes_the_conv_output_quantizer():
     rec_f = {r.name: r for r in qf.layers}
     assert rec_a["conv2"].quantizer and not rec_f["conv2"].quantizer
     assert rec_f["conv2"].weight_quantizer  # weights still int8
+    # in the graph, the add reads the raw conv output: nothing sits on that edge
+    add = next(n for n in qf.model.graph.nodes if n.name == "add")
+    assert any(a.op == "call_module" and a.target == "conv2" for a in add.args)
 
 
 def test_skip_keeps_layer_float_and_pattern_typo_is_an_error():

@@ -92,3 +92,33 @@ def _capture(qmodel: QuantizedModel, args: tuple[Any, ...], *, quantized: bool) 
         for h in hooks:
             h.remove()
     return captured
+
+
+def compare(ref: torch.Tensor, q: torch.Tensor, name: str = "") -> LayerError:
+    """The paired statistics of one float tensor `ref` against its quantized value `q`.
+
+    >>> e = compare(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0]))
+    >>> round(e.l1, 4), round(e.mse, 4), round(e.sqnr_db, 3)  # SQNR = 10·log10(14 / 1)
+    (0.3333, 0.3333, 11.461)
+    """
+    acc = _Acc()
+    acc.add(ref, q)
+    return acc.result(name)
+
+
+def absolute_error(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """|q − f| elementwise.
+
+    >>> absolute_error(torch.tensor([1.0, -2.0]), torch.tensor([1.5, -2.0])).tolist()
+    [0.5, 0.0]
+    """
+    return (q - ref).abs()
+
+
+def relative_error(ref: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """|q − f| / max(|f|, eps) elementwise: the denominator is the *float* activation.
+
+    >>> relative_error(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), eps=0.1).tolist()
+    [0.5, 5.0]
+    """
+    return (q - ref).abs() / ref.abs().clamp_min(eps)

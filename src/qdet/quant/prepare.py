@@ -109,6 +109,7 @@ class _Inserter:
         self.source_q: dict[fx.Node, Quantizer] = {}  # node → Quantizer whose grid its value is on
         self.layers: list[LayerRecord] = []
         self.used_names: set[str] = set()
+        self.fused_into_add: set[fx.Node] = set()  # convs whose output the add quantizes (FUSE_CONV_ADD)
 
     # ---------- naming and per-layer config ----------
     def layer_name(self, node: fx.Node) -> str:
@@ -179,7 +180,7 @@ class _Inserter:
     def ensure_input_quantized(self, consumer: fx.Node) -> None:
         """A quantized op must read int-grid values: quantize float inputs on that edge."""
         for arg in _tensor_args(consumer):
-            if arg in self.source_q or arg in self.out_q.values() or not _is_float_tensor(arg):
+            if arg in self.source_q or arg in self.out_q.values() or arg in self.fused_into_add or not _is_float_tensor(arg):
                 continue
             name = self.layer_name(arg) + ".in" if arg.op != "placeholder" else _join(self.prefix, arg.name)
             module = Quantizer(self.spec_of(name, "activations"), name)
@@ -224,6 +225,7 @@ class _Inserter:
         if act is not None:
             out_node = act
         if kind == "conv" and self.cfg.residual is ResidualPolicy.FUSE_CONV_ADD and act is None and _feeds_add_only(node):
+            self.fused_into_add.add(node)
             self.layers.append(LayerRecord(name, kind, "", weight_quantizer=f"{node.target}.weight_quant", format=fmt))
             return
         if self._is_region_output(out_node) and not self.cfg.quantize_outputs:
