@@ -56,10 +56,45 @@ def quantize(
         regions = [RegionSpec(r.path, r.leaf_modules) for r in adapter.regions(model)]
         transform_fn = transform_fn or adapter.transform_fn(model)
         name = adapter.name
+        expected = getattr(adapter, "input_range", None)
+        if expected is not None:
+            calib_data = _checked(calib_data, transform_fn, expected, name)
     return _quantize(
         model, calib_data, cfg, regions=regions, transform_fn=transform_fn or default_transform,
         num_batches=num_batches, model_name=name, progress=progress,
     )
+
+
+def check_input_range(x: torch.Tensor, expected: tuple[float, float], model_name: str) -> str | None:
+    """A warning text when a calibration batch does not look like the model's preprocessing.
+
+    Seed 003: SSD calibrated on [0, 1] images while inference fed ImageNet-normalised ones
+    collapsed from 0.253 to 0.107 mAP. A batch covering under half of the expected span, or
+    reaching 10 % beyond it, is flagged.
+    """
+    lo, hi = float(x.min()), float(x.max())
+    e_lo, e_hi = expected
+    span = e_hi - e_lo
+    if (hi - lo) < 0.5 * span or lo < e_lo - 0.1 * span or hi > e_hi + 0.1 * span:
+        return (f"calibration inputs span [{lo:.3g}, {hi:.3g}] but {model_name} expects about "
+                f"[{e_lo:.3g}, {e_hi:.3g}]: is the calibration data preprocessed like inference data?")
+    return None
+
+
+def _checked(data: Iterable[Any], transform_fn: Callable[[Any], Any], expected: tuple[float, float], name: str) -> Iterable[Any]:
+    import itertools
+    import warnings
+
+    it = iter(data)
+    first = next(it, None)
+    if first is None:
+        return []
+    x = transform_fn(first)
+    if isinstance(x, torch.Tensor):
+        message = check_input_range(x, expected, name)
+        if message:
+            warnings.warn(message, stacklevel=3)
+    return itertools.chain([first], it)
 
 
 def lower(qmodel: QuantizedModel, runtime: str = "onnxruntime", *, quantized: bool = True, threads: int | None = None) -> nn.Module:

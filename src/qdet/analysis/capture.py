@@ -5,8 +5,9 @@ reference: same graph, BN folded) and once quantized — and hooks on each layer
 pair the two values. Per layer, what is kept does not grow with the data:
 
 * a seeded uniform reservoir of at most `max_elements_per_layer` (float, int8) pairs (for hexbins);
-* the channel-max map (max over channels) of the first `max_images` samples, float and int8,
-  average-pooled to at most `map_size`×`map_size` (for activation maps; 4-D outputs only);
+* the channel-max map (max over channels) of the first `max_images` samples, float and int8, and
+  the channel-max of |int8 − float|, average-pooled to at most `map_size`×`map_size` (for
+  activation maps; 4-D outputs of at least 2×2 only);
 * streamed L1/MSE/SQNR/cosine statistics over *all* elements (`qdet.analysis.errors.LayerError`).
 
 Keys are layer names (`QuantizedModel.layers[i].name`), the same for classifiers and detectors.
@@ -25,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -49,6 +51,7 @@ class LayerCapture:
     seen: int = 0  # elements the reservoir was drawn from
     float_maps: Tensor | None = None  # (K, h, w) channel-max maps of the first K samples, float
     quant_maps: Tensor | None = None  # (K, h, w) the same for the int8 activation
+    error_maps: Tensor | None = None  # (K, h, w) max over channels of |int8 − float| (the worst error per pixel)
     sample_shape: tuple[int, ...] = ()  # one sample's activation shape, e.g. (C, H, W)
     skipped_calls: int = 0  # calls whose float and int8 shapes differed (data-dependent shapes)
     error: LayerError | None = None  # streamed statistics over every paired element
@@ -92,40 +95,77 @@ class _Reservoir:
     """Bottom-k sampling: each element gets a uniform key; the k smallest keys are kept.
 
     That is a uniform sample without replacement over everything seen, whatever the batch sizes.
+    numpy does the selection (argpartition; several times faster than torch's topk on CPU).
     """
 
-    def __init__(self, k: int, generator: torch.Generator) -> None:
+    def __init__(self, k: int, seed: int) -> None:
         self.k = k
-        self.g = generator
-        self.keys = torch.empty(0)
-        self.f = torch.empty(0)
-        self.q = torch.empty(0)
+        self.rng = np.random.default_rng(seed)
+        self.keys = np.empty(0, np.float32)
+        self.f = np.empty(0, np.float32)
+        self.q = np.empty(0, np.float32)
         self.seen = 0
 
     def add(self, f: Tensor, q: Tensor) -> None:
-        f, q = f.detach().reshape(-1).float().cpu(), q.detach().reshape(-1).float().cpu()
-        self.seen += f.numel()
-        if self.k <= 0:
+        fa = f.detach().reshape(-1).float().cpu().numpy()
+        qa = q.detach().reshape(-1).float().cpu().numpy()
+        n, r, k = fa.size, self.keys.size, self.k
+        self.seen += n
+        if k <= 0 or n == 0:
             return
-        keys = torch.rand(f.numel(), generator=self.g)
-        if self.keys.numel() >= self.k:  # full: only keys below the current k-th smallest can enter
-            keep = keys < self.keys.max()
-            keys, f, q = keys[keep], f[keep], q[keep]
-        keys = torch.cat([self.keys, keys])
-        f, q = torch.cat([self.f, f]), torch.cat([self.q, q])
-        if keys.numel() > self.k:
-            idx = torch.topk(keys, self.k, largest=False).indices
-            keys, f, q = keys[idx], f[idx], q[idx]
-        self.keys, self.f, self.q = keys, f, q
+        keys = self.rng.random(n, dtype=np.float32)
+        if r + n <= k:
+            self.keys = np.concatenate([self.keys, keys])
+            self.f, self.q = np.concatenate([self.f, fa]), np.concatenate([self.q, qa])
+            return
+        # The new k-th smallest key is ≤ t (the current largest kept key, or 1) and ≈ k/seen: gather only
+        # keys below a bound a little above k/seen; fall back to t when too few fall below it.
+        t = float(self.keys.max()) if r >= k else 1.0
+        guess = min(t, (1.3 * k + 4.0 * k**0.5) / self.seen)
+        for bound in (guess, t):
+            new_idx = np.flatnonzero(keys <= bound)
+            old = np.flatnonzero(self.keys <= bound)
+            if new_idx.size + old.size >= k:
+                break
+        keys = np.concatenate([self.keys[old], keys[new_idx]])
+        fa = np.concatenate([self.f[old], fa[new_idx]])
+        qa = np.concatenate([self.q[old], qa[new_idx]])
+        if keys.size > k:
+            idx = np.argpartition(keys, k - 1)[:k]
+            keys, fa, qa = keys[idx], fa[idx], qa[idx]
+        self.keys, self.f, self.q = keys, fa, qa
+
+    def values(self) -> tuple[Tensor, Tensor]:
+        """(float, int8) samples in a seeded order (by key), as float32 tensors."""
+        order = np.argsort(self.keys, kind="stable")
+        return torch.from_numpy(self.f[order].copy()), torch.from_numpy(self.q[order].copy())
+
+
+class _FastAcc(_Acc):
+    """`errors._Acc` on float32 tensors: torch's cascade float32 sums are accurate to ~1e-7 relative
+    (cosine stays meaningful beyond 60 dB), and each batch's sums are accumulated in Python floats."""
+
+    def add(self, ref: Tensor, q: Tensor) -> None:
+        ref, q = ref.detach().float(), q.detach().float()
+        d = q - ref
+        lo, hi = d.aminmax()
+        self.abs += float(d.abs().sum())
+        self.sq += float((d * d).sum())
+        self.ref_sq += float((ref * ref).sum())
+        self.q_sq += float((q * q).sum())
+        self.dot += float((ref * q).sum())
+        self.max_abs = max(self.max_abs, float(-lo), float(hi))
+        self.n += ref.numel()
 
 
 class _LayerState:
-    def __init__(self, point: QuantPoint, k: int, generator: torch.Generator) -> None:
+    def __init__(self, point: QuantPoint, k: int, seed: int) -> None:
         self.point = point
-        self.reservoir = _Reservoir(k, generator)
-        self.acc = _Acc()
+        self.reservoir = _Reservoir(k, seed)
+        self.acc = _FastAcc()
         self.fmaps: list[Tensor] = []
         self.qmaps: list[Tensor] = []
+        self.emaps: list[Tensor] = []
         self.n_maps = 0
         self.sample_shape: tuple[int, ...] = ()
         self.skipped = 0
@@ -140,18 +180,21 @@ class _LayerState:
         self.reservoir.add(f, q)
         if not self.sample_shape and f.dim() > 1:
             self.sample_shape = tuple(f.shape[1:])
-        if f.dim() == 4 and self.n_maps < max_images:
+        if f.dim() == 4 and min(f.shape[-2:]) >= 2 and self.n_maps < max_images:  # 1×1 maps show nothing
             take = max_images - self.n_maps
             self.fmaps.append(channel_max_map(f[:take], map_size))
             self.qmaps.append(channel_max_map(q[:take], map_size))
+            self.emaps.append(channel_max_map((q[:take] - f[:take]).abs(), map_size))
             self.n_maps += self.fmaps[-1].shape[0]
 
     def result(self) -> LayerCapture:
         fm = _stack_maps(self.fmaps)
         qm = _stack_maps(self.qmaps)
+        em = _stack_maps(self.emaps)
         r = self.reservoir
+        fv, qv = r.values()
         return LayerCapture(
-            self.point.name, self.point.kind, r.f, r.q, r.seen, fm, qm, self.sample_shape, self.skipped,
+            self.point.name, self.point.kind, fv, qv, r.seen, fm, qm, em, self.sample_shape, self.skipped,
             self.acc.result(self.point.name) if self.acc.n else None,
         )
 
@@ -162,6 +205,12 @@ def _stack_maps(maps: list[Tensor]) -> Tensor | None:
     if len({m.shape[1:] for m in maps}) > 1:  # varying input sizes (detectors): keep the first size
         maps = [m for m in maps if m.shape[1:] == maps[0].shape[1:]]
     return torch.cat(maps)
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0xFFFFFFFF
 
 
 def _first_image(args: tuple[Any, ...]) -> Tensor | None:
@@ -201,8 +250,8 @@ def capture_pairs(
     the same samples.
     """
     points = select_points(quant_points(qmodel), layers, need_activation=True)
-    g = torch.Generator().manual_seed(seed)
-    states = {p.name: _LayerState(p, max_elements_per_layer, g) for p in points}
+    # one independent, seeded stream per layer: a layer's sample does not depend on which others are captured
+    states = {p.name: _LayerState(p, max_elements_per_layer, _layer_seed(seed, p.name)) for p in points}
     by_module = {id(p.activation): p.name for p in points}
     image_list: list[Tensor] = []
     n_batches = 0

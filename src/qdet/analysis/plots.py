@@ -130,9 +130,10 @@ def plot_activation_maps(
     cmap: str = "magma",
     sqnr: dict[str, float] | None = None,
 ) -> Path:
-    """Rows of [input] | float | int8 | |float − int8| channel-max maps, one row per layer.
+    """Rows of [input] | float | int8 | error channel-max maps, one row per layer.
 
-    Maps are resized to one common size (default: the largest selected map, ≤ 64 px); float and
+    float/int8 columns: max over channels of the activation; error column: max over channels of
+    |int8 − float| (the worst error at each pixel). Maps are resized to one common size (default: the largest selected map, ≤ 64 px); float and
     int8 share a colour scale per row, the difference has its own (its colour bar gives the unit).
     With `overlay`, the maps are drawn semi-transparent over the input image. `layers` defaults to
     `max_layers` layers spread over the depth of the model.
@@ -160,7 +161,8 @@ def plot_activation_maps(
         c = cap.layers[name]
         f = _resize(c.float_maps[image_index], common, smooth=overlay)  # type: ignore[index]
         q = _resize(c.quant_maps[image_index], common, smooth=overlay)  # type: ignore[index]
-        d = (f - q).abs()
+        e = c.error_maps if c.error_maps is not None else (c.float_maps - c.quant_maps).abs()  # type: ignore[operator]
+        d = _resize(e[image_index], common, smooth=overlay)
         vmin, vmax = float(torch.minimum(f.min(), q.min())), float(torch.maximum(f.max(), q.max()))
         col = 0
         if show_input:
@@ -169,7 +171,7 @@ def plot_activation_maps(
             col = 1
         alpha = 0.65 if overlay and bg is not None else 1.0
         for j, (m, title, lo, hi) in enumerate(((f, "float", vmin, vmax), (q, "int8", vmin, vmax),
-                                                (d, "|float − int8|", 0.0, max(float(d.max()), 1e-12)))):
+                                                (d, "max over channels of |int8 − float|", 0.0, max(float(d.max()), 1e-12)))):
             ax = axes[r, col + j]
             if alpha < 1.0:
                 ax.imshow(bg.mean(-1).numpy(), cmap="gray", interpolation="bilinear")  # type: ignore[union-attr]
@@ -292,7 +294,8 @@ def plot_sqnr_bars(errors: Sequence[LayerError], path: str | Path, *, kinds: dic
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=7 if n > 40 else 9)
     ax.invert_yaxis()
-    ax.set_xlabel("SQNR (dB), higher is better", fontsize=9)
+    ax.set_xlabel("SQNR (dB) of the int8 model's activation vs the float graph (errors accumulate with depth; "
+                  "higher is better)", fontsize=8)
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_xlim(min(0.0, min(values) * 1.1), top * 1.12)
     ax.grid(True, axis="x", alpha=0.3)
@@ -304,11 +307,14 @@ def plot_sqnr_bars(errors: Sequence[LayerError], path: str | Path, *, kinds: dic
     for i, e in enumerate(errors):
         if not math.isfinite(e.sqnr_db):
             ax.text(top, i, " ∞", va="center", fontsize=7)
-    used = [k for k in _KIND_COLOURS if k in set(kinds.values())]
-    if used:
+    used = [k for k in _KIND_COLOURS if k in set(kinds.get(n, "") for n in names)]
+    handles = [(k, _KIND_COLOURS[k]) for k in used]
+    if any(kinds.get(n, "") not in _KIND_COLOURS for n in names):
+        handles.append(("other", "#999999"))
+    if handles:
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=_KIND_COLOURS[k], label=k) for k in used], fontsize=8, loc="lower right")
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in handles], fontsize=8, loc="lower right")
     ax.set_title(title or f"per-layer SQNR ({n} layers; worst {min(worst, n)} in red)", fontsize=11)
     return _save(fig, path)
 

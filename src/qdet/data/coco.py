@@ -80,7 +80,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise DataError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+            return np.array(im.convert("RGB"))  # (H, W, 3) uint8, writable
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
 

@@ -76,6 +76,11 @@ class _ClassifierAdapter:
     resize: int | None  # shorter side before the center crop; None: images are fed at their size
     task: Task = Task.CLASSIFICATION
 
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """Value range of a correctly preprocessed input (pixels in [0, 1], normalised)."""
+        return min(-m / s for m, s in zip(self.mean, self.std)), max((1 - m) / s for m, s in zip(self.mean, self.std))
+
     def regions(self, model: nn.Module) -> list[Region]:
         """A classifier is quantized whole: no float islands."""
         return [Region("")]

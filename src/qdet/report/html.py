@@ -184,7 +184,7 @@ def write_report(
         parts.append('<h2 id="plots">plots</h2>')
         parts += [_image_html(Path(p)) for p in images]
     parts.append('<h2 id="config">config</h2>')
-    parts.append(f"<pre>{html.escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
+    parts.append(f"<pre>{html.escape(json.dumps(config, indent=2, sort_keys=True, default=str), quote=False)}</pre>")
     parts.append('<h2 id="environment">environment</h2>')
     parts.append(html_table([{"key": k, "value": str(v)} for k, v in env.items()]))
     parts.append("</body></html>\n")

@@ -322,7 +322,7 @@ def load_yolov5(path: str | Path, *, activation: Activation | str = Activation.S
 
     >>> from qdet.paths import assets_dir
     >>> net = load_yolov5(assets_dir() / "weights/yolov5n_v6.1_state_dict_fp16.pt")  # doctest: +SKIP
-    >>> net.stride
+    >>> net.stride  # doctest: +SKIP
     (8.0, 16.0, 32.0)
     """
     ckpt = _read_checkpoint(path)

@@ -8,10 +8,10 @@ Preprocessing is two steps, kept separate so each matches the reference:
 
 Example:
     >>> import numpy as np
-    >>> img = np.zeros((480, 500, 3), np.uint8)
+    >>> img = np.zeros((320, 400, 3), np.uint8)
     >>> out, info = preprocess(img, 640)
     >>> out.shape, info.ratio, info.pad
-    ((640, 640, 3), (1.28, 1.28), (0.0, 12.8))
+    ((640, 640, 3), (1.6, 1.6), (0.0, 64.0))
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def resize(image: np.ndarray, size_wh: tuple[int, int], *, area: bool) -> np.nda
     h_in, w_in = image.shape[:2]
     make = _area_weights if area else _linear_weights
     wy, wx = make(h_in, h_out).float(), make(w_in, w_out).float()
-    src = torch.from_numpy(np.ascontiguousarray(image)).float()  # (H, W, C)
+    src = torch.tensor(image, dtype=torch.float32)  # (H, W, C); a copy, so read-only arrays are fine
     out = torch.einsum("oh,hwc->owc", wy, src)  # (h, W, C)
     out = torch.einsum("pw,owc->opc", wx, out)  # (h, w, C)
     return out.round().clamp(0, 255).to(torch.uint8).numpy()
