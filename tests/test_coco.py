@@ -149,8 +149,9 @@ def test_run_yolo_on_coco_with_decoded_and_raw_outputs(tmp_path) -> None:
     ds = CocoDetection(tmp_path / "images", ann)
     torch.manual_seed(0)
     net = YOLOv5(yolov5_config("n", depth_multiple=0.33, width_multiple=0.125)).eval()
-    dets = run_yolo_on_coco(net, ds, img_size=64, batch_size=2, progress=False)
-    assert dets, "a random model at conf 0.001 still proposes boxes"
+    # The detection-bias priors make a random model's scores ~1e-5, so lower the threshold.
+    dets = run_yolo_on_coco(net, ds, img_size=64, conf=1e-6, batch_size=2, progress=False)
+    assert dets
     sizes = {m["image_id"]: m["orig_size"] for m in (ds.meta(i) for i in range(len(ds)))}
     for d in dets:
         x, y, w, h = d["bbox"]
@@ -160,7 +161,7 @@ def test_run_yolo_on_coco_with_decoded_and_raw_outputs(tmp_path) -> None:
     assert max(sum(d["image_id"] == i for d in dets) for i in ds.image_ids) <= 300
     # A runtime returning raw maps (here numpy, as onnxruntime does) decoded by the float model's decode
     raw_numpy = lambda x: [r.numpy() for r in net.forward_raw(x)]  # noqa: E731
-    assert run_yolo_on_coco(raw_numpy, ds, img_size=64, decode=net.decode, progress=False) == dets
+    assert run_yolo_on_coco(raw_numpy, ds, img_size=64, conf=1e-6, decode=net.decode, progress=False) == dets
     with pytest.raises(ConfigError, match="decode"):
         run_yolo_on_coco(raw_numpy, ds, img_size=64, progress=False)
     evaluate_coco(dets, ann)  # the output is valid COCO json
@@ -174,7 +175,7 @@ def test_run_yolo_on_coco_with_decoded_and_raw_outputs(tmp_path) -> None:
 def test_float_yolov5n_map_on_val_subset() -> None:
     """Float YOLOv5n, square 640 letterbox, conf 0.001, NMS IoU 0.6, multi-label, max 300 per image.
 
-    Measured 0.301 / 0.475 (about 10 s on 2 cores). The assets README quotes 0.256 / 0.404 for "the
+    Measured 0.301 / 0.475 (about 10-30 s on one core of the 2-core dev machine). The assets README quotes 0.256 / 0.404 for "the
     original implementation"; every faithful variant of the reference val.py we tried is higher
     (rect batch-32 inference 0.307 / 0.491), so the check pins our measured numbers.
     """
@@ -183,7 +184,8 @@ def test_float_yolov5n_map_on_val_subset() -> None:
     model = load_yolov5(YOLOV5N)
     ds = CocoDetection(COCO / "val2017", VAL_JSON)
     t0 = time.perf_counter()
-    dets = run_yolo_on_coco(model, ds, img_size=640, conf=0.001, iou=0.6, progress=False)
+    # One thread: on a shared 2-core machine two OpenMP threads can run 20x slower under load.
+    dets = run_yolo_on_coco(model, ds, img_size=640, conf=0.001, iou=0.6, num_threads=1, progress=False)
     r = evaluate_coco(dets, VAL_JSON, image_ids=ds.image_ids)
     print(f"\nYOLOv5n float on {len(ds)} images: {r.map:.4f} / {r.map50:.4f} in {time.perf_counter() - t0:.1f} s")
     assert r.map == pytest.approx(0.301, abs=0.01)

@@ -11,6 +11,8 @@ pair the two values. Per layer, what is kept does not grow with the data:
 * streamed L1/MSE/SQNR/cosine statistics over *all* elements (`qdet.analysis.errors.LayerError`).
 
 Keys are layer names (`QuantizedModel.layers[i].name`), the same for classifiers and detectors.
+Peak memory is one batch's float activations at the selected layers (each is freed as soon as its
+int8 counterpart is paired): lower the batch size or pass `layers=` for big inputs.
 
     >>> import torch, qdet
     >>> from torch import nn

@@ -52,7 +52,9 @@ class AnalysisReport:
         return list(self.errors[:n])
 
     def table(self, n: int | None = None) -> str:
-        return format_table(list(self.rows[:n] if n else self.rows), LAYER_COLUMNS)
+        """The layer table for a terminal (cosine with 6 decimals: it sits close to 1)."""
+        rows = [{**r, "cosine": f"{r['cosine']:.6f}"} for r in (self.rows[:n] if n else self.rows)]
+        return format_table(rows, LAYER_COLUMNS)
 
 
 def _sort_key(e: LayerError) -> tuple[float, str]:

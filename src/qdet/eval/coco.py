@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 

@@ -212,7 +212,20 @@ class PercentileObserver(_HistogramBase):
 
 class EntropyObserver(_HistogramBase):
     """TensorRT-style KL calibration on |x|: choose the threshold T whose quantized histogram
-    diverges least from the clipped float histogram."""
+    diverges least from the clipped float histogram.
+
+    Exact zeros (most of a ReLU output) are left out of the KL: they are represented exactly at any
+    threshold, and their spike in the first bin otherwise makes every merge of bins look costly,
+    which drives the threshold far too low (ResNet56: 62 % top-1 with them, see README).
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "") -> None:
+        super().__init__(spec, name)
+        self.zeros = 0.0
+
+    def _update(self, x: torch.Tensor) -> None:
+        super()._update(x)
+        self.zeros += float((x == 0).sum())
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_not_all_zero()
@@ -221,6 +234,7 @@ class EntropyObserver(_HistogramBase):
         c = self._centers()
         idx = (c.abs() / amax * self.bins).long().clamp(0, self.bins - 1)
         h = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
+        h[0] = max(float(h[0]) - self.zeros, 0.0)
         one_sided = self.lo >= 0 or self.hi <= 0
         levels = (self.spec.qmax - self.spec.qmin + 1) // (1 if one_sided else 2)
         if h.sum() < 4 * self.bins:

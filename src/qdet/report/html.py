@@ -53,7 +53,7 @@ def _fmt(v: Any) -> str:
             return "nan"
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
-        return f"{v:.4g}" if (abs(v) < 1e-2 and v != 0) or abs(v) >= 1e6 else f"{v:,.3f}".rstrip("0").rstrip(".")
+        return f"{v:,.1f}" if abs(v) >= 1e5 else f"{v:.5g}"  # 5 significant digits: 0.99717, 22.478, 0.00073943
     return str(v)
 
 
