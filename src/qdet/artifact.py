@@ -66,6 +66,7 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
         "config": qm.config.to_json(),
         "regions": json.dumps(list(qm.regions)),
         "input_shapes": json.dumps(qm.input_shapes),
+        "input_structures": json.dumps(qm.input_structures),
         "int_weights": json.dumps(sorted(int_weights)),
         "metrics": json.dumps(qm.metrics, default=str),
         "calibration_batches": str(qm.calibration_batches),
@@ -99,6 +100,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = dict(raw)
     for key in ("config", "regions", "input_shapes", "int_weights", "metrics"):
         out[key] = json.loads(raw[key])
+    out["input_structures"] = json.loads(raw.get("input_structures", "{}"))
     out["calibration_batches"] = int(raw.get("calibration_batches", 0))
     return out
 
@@ -126,7 +128,8 @@ def load(
     leaf_modules = leaf_modules or {}
     cfg = QuantConfig.from_dict(meta["config"])
     regions = [RegionSpec(p, tuple(leaf_modules.get(p, ()))) for p in meta["regions"]]
-    qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"])
+    qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
+                                     input_structures=meta["input_structures"])
     int_weights = set(meta["int_weights"])
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from qdet.config import QuantConfig
 from qdet.errors import ConfigError
@@ -50,6 +51,9 @@ class QuantizedModel(nn.Module):
         self.model_name = model_name
         self.metrics: dict[str, Any] = {}
         self.calibration_batches = 0
+        # region path → pytree spec (JSON) of its inputs, for regions fed lists/dicts of tensors
+        self.input_structures: dict[str, str] = {}
+        self.train(model.training)  # a fresh Module is in train mode; follow the wrapped model (eval)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -99,7 +103,25 @@ def capture_region_inputs(model: nn.Module, paths: Sequence[str], run: Callable[
 
 
 def _shapes(args: tuple[Any, ...]) -> list[list[int]]:
-    return [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    return [list(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+
+
+def _structure(args: tuple[Any, ...]) -> str | None:
+    """The pytree spec (JSON) of a region's inputs when they are not plain positional tensors."""
+    leaves, spec = pytree.tree_flatten(args)
+    if not leaves or not all(isinstance(a, torch.Tensor) for a in leaves):
+        return None
+    if spec == pytree.tree_structure(tuple(leaves)):
+        return None  # positional tensors: the shapes say everything
+    return pytree.treespec_dumps(spec)
+
+
+def example_inputs(shapes: list[list[int]], structure: str | None = None) -> tuple[Any, ...]:
+    """Zeros of the recorded shapes, rebuilt into the recorded input structure (lists, dicts)."""
+    zeros = [torch.zeros(s) for s in shapes]
+    if structure is None:
+        return tuple(zeros)
+    return pytree.tree_unflatten(zeros, pytree.treespec_loads(structure))
 
 
 def build_quantized(
@@ -126,10 +148,12 @@ def build_quantized_from_shapes(
     input_shapes: dict[str, list[list[int]]],
     *,
     model_name: str = "",
+    input_structures: dict[str, str] | None = None,
 ) -> QuantizedModel:
     """Like `build_quantized`, tracing each region on zeros of the recorded shapes (used on load)."""
     work = copy.deepcopy(model).eval()
-    inputs = {r.path: tuple(torch.zeros(s) for s in input_shapes[r.path]) for r in regions}
+    structures = input_structures or {}
+    inputs = {r.path: example_inputs(input_shapes[r.path], structures.get(r.path)) for r in regions}
     return _assemble(work, regions, cfg, inputs, model_name)
 
 
@@ -148,6 +172,7 @@ def _assemble(
     for path, region in prepared.items():
         work = _set(work, path, region.module)
     qm = QuantizedModel(work, cfg, prepared, {p: _shapes(a) for p, a in inputs.items()}, model_name)
+    qm.input_structures = {p: s for p, a in inputs.items() if (s := _structure(a)) is not None}
     check_patterns(cfg, qm.layer_names())
     return qm
 

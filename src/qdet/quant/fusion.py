@@ -1,4 +1,4 @@
-"""Graph fusions done before quantizers go in: Conv-BN folding.
+"""Graph rewrites done before quantizers go in: Conv-BN folding, SiLU decomposition.
 
 Folding BN into the preceding conv is exact in float (up to rounding):
     w' = w · γ / √(σ² + ε)          b' = (b − μ) · γ / √(σ² + ε) + β
@@ -6,8 +6,11 @@ so the quantizer sees the weights that will actually run.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 
 def fold_bn_weights(
@@ -67,6 +70,39 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return folded
+
+
+def decompose_silu(gm: fx.GraphModule) -> int:
+    """Rewrite SiLU as x · sigmoid(x) in place; returns how many were rewritten.
+
+    Integer runtimes have no int8 SiLU, but they have int8 sigmoid (a lookup table, with fixed
+    output qparams since its range is [0, 1]) and int8 mul. Quantizing the two halves lets every
+    op stay int8 instead of falling back to float around each activation.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        is_silu = (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.SiLU)) or (
+            node.op == "call_function" and node.target is F.silu
+        )
+        if not is_silu:
+            continue
+        stack = dict(node.meta.get("nn_module_stack") or {})
+        if node.op == "call_module":
+            stack[str(node.target)] = ("", nn.SiLU)  # names the halves "<act>.sigmoid", "<act>.mul"
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            sig = gm.graph.call_function(torch.sigmoid, (x,))
+        with gm.graph.inserting_after(sig):
+            mul = gm.graph.call_function(operator.mul, (x, sig))
+        sig.meta["nn_module_stack"] = stack
+        mul.meta["nn_module_stack"] = stack
+        node.replace_all_uses_with(mul)
+        gm.graph.erase_node(node)
+        count += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return count
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
-from qdet.quant.fusion import fold_batchnorms
+from qdet.quant.fusion import decompose_silu, fold_batchnorms
 from qdet.quant.quantizer import (
     CastQuantizer,
     QuantConv2d,
@@ -170,6 +170,8 @@ class _Inserter:
             module: nn.Module = CastQuantizer(fmt, name)
         else:
             module = Quantizer(self.spec_of(name, "activations"), name)
+            if kind == "sigmoid":
+                _fix_sigmoid_qparams(module)
         qnode = self.insert_after(node, module, f"{name}.out" if kind != "input" else name)
         self.out_q[node] = qnode
         if isinstance(module, Quantizer):
@@ -289,6 +291,13 @@ class _Inserter:
         return any(u.op == "output" for u in node.users)
 
 
+def _fix_sigmoid_qparams(q: Quantizer) -> None:
+    """Sigmoid's range is [0, 1]: fixed qparams, no observer (PyTorch's int8 sigmoid uses the same)."""
+    levels = q.spec.qmax - q.spec.qmin + 1
+    q.set_qparams(torch.tensor(1.0 / levels), torch.tensor(q.spec.qmin, dtype=torch.int32))
+    q.observer = None
+
+
 def _kind(node: fx.Node, mod: nn.Module | None) -> str:
     if mod is not None:
         if isinstance(mod, nn.Conv2d):
@@ -376,6 +385,7 @@ def prepare_region(
     """
     gm = trace(module, leaf_types)
     folded = fold_batchnorms(gm)
+    decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)
     layers = _Inserter(gm, prefix, cfg).run()
     return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded])

@@ -11,11 +11,10 @@ import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
-import torch
 from torch import nn
 
 from qdet.errors import ConfigError, RuntimeUnavailable
-from qdet.qmodel import QuantizedModel, _get, _set
+from qdet.qmodel import QuantizedModel, _get, _set, example_inputs
 from qdet.quant.calibrate import quantization_disabled
 from qdet.quant.prepare import PreparedRegion
 
@@ -46,7 +45,7 @@ class Runtime(ABC):
             shapes = qmodel.input_shapes.get(path)
             if not shapes:
                 raise ConfigError(f"region {path!r} has no recorded input shape; re-quantize the model")
-            example = tuple(torch.zeros(s) for s in shapes)
+            example = example_inputs(shapes, getattr(qmodel, "input_structures", {}).get(path))
             region_copy = PreparedRegion(region.path, _get(lowered, path), region.layers, region.folded_bn)  # type: ignore[arg-type]
             if quantized:
                 module = self.lower_region(region_copy, example, quantized=True)
@@ -114,7 +113,7 @@ def _load_builtin_runtimes() -> None:
     # Imported lazily: each pulls an optional dependency only when used.
     import importlib
 
-    for mod in ("qdet.runtimes.onnxruntime", "qdet.runtimes.torch_int8"):
+    for mod in ("qdet.runtimes.onnxruntime", "qdet.runtimes.torch_int8", "qdet.runtimes.openvino"):
         try:
             importlib.import_module(mod)
         except ImportError:  # the module itself is missing in a partial install

@@ -49,11 +49,21 @@ def _onnx():
     return onnx, numpy_helper
 
 
-def export_region(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, dynamic_batch: bool = False) -> Any:
-    """Export `module` (quantizers calibrated, or disabled for the float graph) to an onnx.ModelProto."""
+def export_region(
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    dynamic_batch: bool = False,
+    dynamic_spatial: bool = False,
+) -> Any:
+    """Export `module` (quantizers calibrated, or disabled for the float graph) to an onnx.ModelProto.
+
+    dynamic_batch: dim 0 of every input is symbolic. dynamic_spatial: dims 2.. of every input of
+    rank >= 3 are symbolic too (detectors resize each image differently), named per input.
+    """
     onnx, _ = _onnx()
     names = [f"input_{i}" for i in range(len(example_inputs))]
-    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    axes = _dynamic_axes(names, example_inputs, batch=dynamic_batch, spatial=dynamic_spatial)
     buf = io.BytesIO()
     with export_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -67,6 +77,19 @@ def export_region(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], *
     _quantize_biases(model)
     _drop_unused_initializers(model)
     return model
+
+
+def _dynamic_axes(names: list[str], inputs: tuple[torch.Tensor, ...], *, batch: bool, spatial: bool) -> dict[str, dict[int, str]] | None:
+    if not (batch or spatial):
+        return None
+    axes: dict[str, dict[int, str]] = {}
+    for i, (name, x) in enumerate(zip(names, inputs)):
+        dims = {0: "batch"} if batch else {}
+        if spatial and x.dim() >= 3:
+            dims.update({d: f"input_{i}_dim{d}" for d in range(2, x.dim())})
+        if dims:
+            axes[name] = dims
+    return axes
 
 
 def save_model(model: Any, path: str | Path) -> Path:

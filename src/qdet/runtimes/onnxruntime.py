@@ -104,5 +104,5 @@ class OnnxRuntime(Runtime):
         flat_in, in_spec = pytree.tree_flatten(example_inputs)
         with torch.no_grad():
             _, out_spec = pytree.tree_flatten(region.module(*example_inputs))
-        model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True)
+        model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True, dynamic_spatial=True)
         return OrtModule(model, out_spec, threads=self.threads, name=region.path)

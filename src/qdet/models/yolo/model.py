@@ -171,6 +171,33 @@ def run_layers(layers: nn.ModuleList, froms: Sequence[From], save: frozenset[int
     return y
 
 
+def decode_maps(
+    raw: Sequence[torch.Tensor], anchors: torch.Tensor, stride: Sequence[float], na: int, no: int
+) -> torch.Tensor:
+    """Raw maps → (B, N, 5+nc): xywh in input pixels, objectness and class probabilities.
+
+    anchors: (nl, na, 2) in grid units of each level; N = Σ na·H·W in (level, anchor, y, x) order.
+    """
+    out = []
+    for i, p in enumerate(raw):
+        b, _, h, w = p.shape
+        # (B, na*no, H, W) → (B, na, H, W, no); float even when the raw map came from an int8 runtime
+        y = p.float().view(b, na, no, h, w).permute(0, 1, 3, 4, 2).sigmoid()
+        gy, gx = torch.meshgrid(
+            torch.arange(h, device=p.device, dtype=torch.float32),
+            torch.arange(w, device=p.device, dtype=torch.float32),
+            indexing="ij",
+        )
+        grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)  # cell x, y
+        s = stride[i]
+        anchor_px = (anchors[i].float().to(p.device) * s).view(1, na, 1, 1, 2)
+        # v6.1 parameterisation: centres may leave their cell by half a cell; sizes up to 4× the anchor.
+        xy = (y[..., 0:2] * 2 - 0.5 + grid) * s  # (B, na, H, W, 2)
+        wh = (y[..., 2:4] * 2) ** 2 * anchor_px  # (B, na, H, W, 2)
+        out.append(torch.cat((xy, wh, y[..., 4:]), -1).view(b, -1, no))
+    return torch.cat(out, 1)  # (B, N, 5+nc)
+
+
 class YOLOv5Raw(nn.Module):
     """`forward` = `YOLOv5.forward_raw`, sharing the same layers (same `model.*` keys): the module to trace."""
 
@@ -242,29 +269,9 @@ class YOLOv5(nn.Module):
         return YOLOv5Raw(self.model, self.froms, self.save)
 
     def decode(self, raw: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Float island: raw maps → (B, N, 5+nc) with xywh in input pixels, objectness and class probabilities.
-
-        N = sum over levels of na*H*W, in (level, anchor, y, x) order.
-        """
+        """Float island: raw maps → (B, N, 5+nc) with xywh in input pixels, objectness and class probabilities."""
         det = self.detect
-        out = []
-        for i, p in enumerate(raw):
-            b, _, h, w = p.shape
-            # (B, na*no, H, W) → (B, na, H, W, no); float even when the raw map came from an int8 runtime
-            y = p.float().view(b, det.na, det.no, h, w).permute(0, 1, 3, 4, 2).sigmoid()
-            gy, gx = torch.meshgrid(
-                torch.arange(h, device=p.device, dtype=torch.float32),
-                torch.arange(w, device=p.device, dtype=torch.float32),
-                indexing="ij",
-            )
-            grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)  # cell x, y
-            s = det.stride[i]
-            anchor_px = (det.anchors[i].float().to(p.device) * s).view(1, det.na, 1, 1, 2)
-            # v6.1 parameterisation: centres may leave their cell by half a cell; sizes up to 4× the anchor.
-            xy = (y[..., 0:2] * 2 - 0.5 + grid) * s  # (B, na, H, W, 2)
-            wh = (y[..., 2:4] * 2) ** 2 * anchor_px  # (B, na, H, W, 2)
-            out.append(torch.cat((xy, wh, y[..., 4:]), -1).view(b, -1, det.no))
-        return torch.cat(out, 1)  # (B, N, 5+nc)
+        return decode_maps(raw, det.anchors, det.stride, det.na, det.no)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.forward_raw(x))

@@ -1,0 +1,129 @@
+"""YOLOv5 adapter: what is int8 (backbone, neck, the three Detect convs) and what stays float
+(letterbox preprocessing, sigmoid + grid/anchor decoding, NMS), and how data becomes inputs.
+
+    >>> adapter = YoloAdapter("yolov5n")
+    >>> det = adapter.build("random")
+    >>> det(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 252, 85])
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from qdet.data.coco import CocoDetection
+from qdet.errors import ConfigError
+from qdet.models.base import Region, Task
+from qdet.models.yolo.model import YOLOv5, YOLOv5Raw, decode_maps, load_yolov5, yolov5_config
+from qdet.models.yolo.postprocess import preprocess
+from qdet.paths import assets_dir
+
+RANDOM_INIT = "random"
+
+
+class YoloDetector(nn.Module):
+    """`body` (traced and quantized) → `decode` (float island). Input (B, 3, H, W) RGB in [0, 1]."""
+
+    def __init__(self, yolo: YOLOv5) -> None:
+        super().__init__()
+        self.body: nn.Module = yolo.raw_module()
+        det = yolo.detect
+        self.register_buffer("anchors", det.anchors.detach().clone())  # (nl, na, 2) grid units
+        self.stride = tuple(det.stride)
+        self.na, self.no = det.na, det.no
+        self.names = list(yolo.names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_maps(self.body(x), self.anchors, self.stride, self.na, self.no)  # (B, N, 5+nc)
+
+
+class LetterboxedCoco(Dataset):
+    """COCO images letterboxed to `img_size`² as the detector sees them: (3, S, S) float in [0, 1]."""
+
+    def __init__(self, coco: CocoDetection, img_size: int = 640) -> None:
+        self.coco = coco
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, meta = self.coco[i]
+        lb, _ = preprocess(image, self.img_size)  # (S, S, 3) uint8 RGB
+        return torch.from_numpy(lb.transpose(2, 0, 1).copy()).float() / 255.0, int(meta["image_id"])
+
+
+@dataclass(frozen=True)
+class YoloAdapter:
+    """YOLOv5 n/s/m/l. `yolov5n` has bundled COCO weights; others need `weights=`."""
+
+    name: str
+    img_size: int = 640
+    task: Task = Task.DETECTION
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def size(self) -> str:
+        return self.name.removeprefix("yolov5").removesuffix("-relu")
+
+    def bundled_weights(self) -> Path:
+        return assets_dir() / "weights" / f"{self.name}_v6.1_state_dict_fp16.pt"
+
+    def build(self, weights: str | Path | None = None, **options: Any) -> YoloDetector:
+        """weights: a state-dict file (ultralytics layout), None (bundled file) or "random".
+
+        Options: activation ("silu" or "relu" for models trained with ReLU).
+        """
+        activation = options.pop("activation", "relu" if self.name.endswith("-relu") else "silu")
+        if options:
+            raise ConfigError(f"{self.name}: unknown option(s) {sorted(options)}")
+        if weights is None:
+            weights = self.bundled_weights()
+            if not Path(weights).is_file():
+                warnings.warn(f"{self.name}: bundled weights '{weights}' not found; using random initialisation", stacklevel=2)
+                weights = RANDOM_INIT
+        if str(weights) == RANDOM_INIT:
+            return YoloDetector(YOLOv5(yolov5_config(self.size), activation=activation).eval()).eval()
+        return YoloDetector(load_yolov5(weights, activation=activation)).eval()
+
+    def regions(self, model: nn.Module) -> list[Region]:
+        return [Region("body")]
+
+    def transform_fn(self, model: nn.Module) -> Callable[[Any], torch.Tensor]:
+        """(images, ids) batches of LetterboxedCoco → images: exactly the inference input."""
+        return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    # ---- data ----
+    def coco(self, split: str, data: str | Path | None = None) -> CocoDetection:
+        root = Path(data) if data else assets_dir() / "coco"
+        return CocoDetection(root / split, root / "annotations" / f"instances_{split}_subset.json")
+
+    def eval_dataset(self, data: str | Path | None = None) -> CocoDetection:
+        """COCO val images (default: the bundled 158 val2017 images)."""
+        return self.coco("val2017", data)
+
+    def calibration_dataset(self, data: str | Path | None = None) -> Dataset:
+        """COCO train images through the inference letterbox — never the evaluation images."""
+        return LetterboxedCoco(self.coco("train2017", data), self.img_size)
+
+    def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True) -> Any:
+        """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions."""
+        from qdet.eval.coco import evaluate_coco
+        from qdet.models.yolo.detect import run_yolo_on_coco
+
+        dataset = data if data is not None else self.eval_dataset()
+        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
+        return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
+
+
+YOLO_ADAPTERS: Sequence[YoloAdapter] = tuple(
+    YoloAdapter(n) for n in ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5n-relu", "yolov5s-relu")
+)
+
+__all__ = ["YoloAdapter", "YoloDetector", "LetterboxedCoco", "YOLO_ADAPTERS", "YOLOv5Raw"]

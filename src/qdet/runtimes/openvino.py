@@ -1,0 +1,124 @@
+"""OpenVINO: the same QDQ ONNX that `export_region` writes, compiled by OpenVINO for the CPU.
+
+OpenVINO's low-precision transformations turn DequantizeLinear → Conv/MatMul → QuantizeLinear
+chains into int8 kernels (VNNI / AMX where the CPU has them), keeping qdet's scales. Float islands
+stay in PyTorch between the compiled regions, exactly as with onnxruntime.
+
+Float operations that remain inside a region run in fp32 (INFERENCE_PRECISION_HINT=f32) by default:
+OpenVINO would otherwise pick bf16 on CPUs that support it, which changes the numerics silently.
+
+Example:
+    >>> import qdet  # doctest: +SKIP
+    >>> fast = qdet.lower(qmodel, "openvino", threads=2)  # doctest: +SKIP
+    >>> fast([image])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from qdet.errors import RuntimeUnavailable
+from qdet.quant.prepare import PreparedRegion
+from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.onnx_export import export_region, save_model
+
+__all__ = ["OpenVinoRuntime", "OpenVinoModule", "compile_onnx"]
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeUnavailable("openvino is not installed; pip install 'qdet[openvino]'") from exc
+    return openvino
+
+
+def compile_onnx(model_bytes: bytes, *, threads: int | None, precision: str = "f32") -> Any:
+    """Compile an ONNX model (bytes) for the CPU: latency hint, `threads` inference threads."""
+    ov = _ov()
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return core.compile_model(core.read_model(model_bytes), "CPU", config)
+
+
+class OpenVinoModule(nn.Module):
+    """An nn.Module facade over a compiled OpenVINO model (float tensors in, float tensors out).
+
+    Takes the region's inputs (any pytree of tensors: lists, dicts) and returns its output
+    structure, like `OrtModule`.
+    """
+
+    def __init__(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, threads: int | None, name: str = "",
+                 precision: str = "f32") -> None:
+        super().__init__()
+        self.onnx_model = onnx_model
+        self.out_spec = out_spec
+        self.name = name
+        self.compiled = compile_onnx(onnx_model.SerializeToString(), threads=threads, precision=precision)
+        self.request = self.compiled.create_infer_request()
+        self.num_inputs = len(self.compiled.inputs)
+
+    def forward(self, *args: Any) -> Any:
+        flat, _ = pytree.tree_flatten(args)
+        feeds = {i: t.detach().cpu().numpy().astype(np.float32, copy=False) for i, t in enumerate(flat[: self.num_inputs])}
+        result = self.request.infer(feeds)
+        outs = [torch.from_numpy(np.array(result[o], copy=True)) for o in self.compiled.outputs]
+        return pytree.tree_unflatten(outs, self.out_spec)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the QDQ ONNX this module was compiled from."""
+        return save_model(self.onnx_model, path)
+
+    def executed_ops(self) -> dict[str, int]:
+        """Executed layer types and their runtime precision, e.g. {"Convolution/u8": 53, ...}."""
+        counts: dict[str, int] = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            kind = _rt(info, "layerType") or op.get_type_name()
+            prec = _rt(info, "runtimePrecision") or "?"
+            key = f"{kind}/{prec}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _rt(info: Any, key: str) -> str:
+    if key not in info:
+        return ""
+    value = info[key]
+    return str(getattr(value, "value", value))
+
+
+@register_runtime
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+    description = "QDQ ONNX with qdet's scales, compiled by OpenVINO for the CPU (int8 VNNI/AMX kernels)"
+
+    precision: str = "f32"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            import onnx  # noqa: F401
+            import openvino  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def install_hint(self) -> str:
+        return "pip install 'qdet[openvino]'"
+
+    def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
+        from qdet.runtimes.onnxruntime import _Flat
+
+        flat_in, in_spec = pytree.tree_flatten(example_inputs)
+        with torch.no_grad():
+            _, out_spec = pytree.tree_flatten(region.module(*example_inputs))
+        model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True, dynamic_spatial=True)
+        return OpenVinoModule(model, out_spec, threads=self.threads, name=region.path, precision=self.precision)
