@@ -385,6 +385,10 @@ class _Lowering(_Builder):
             else:
                 return None
             return self.graph.call_function(op, (self.env[args[0]], self.env[args[1]], out[0], out[1]))
+        if node.op == "call_function" and node.target is torch.sigmoid and len(args) == 1 and self.is_q(args[0]):
+            # PyTorch's int8 sigmoid has fixed output qparams (1/256, 0): the ones qdet fixes for uint8
+            if not relu and abs(out[0] - 1 / 256) < 1e-12 and out[1] == 0:
+                return self.graph.call_function(torch.sigmoid, (self.env[args[0]],))
         if node.op == "call_function" and node.target in _CAT_FUNCTIONS and not relu:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
