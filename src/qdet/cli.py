@@ -126,12 +126,12 @@ def cmd_list(_: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from qdet import api
-    from qdet.jobs import classification_job
+    from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
     model = adapter.build(args.weights)
     cfg = config_from_args(args)
-    result, qm = classification_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
+    result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
     out = Path(args.out or f"runs/{args.model}.qdet")
     api.save(qm, out)
     _emit(result, args)
@@ -140,12 +140,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from qdet import api
-    from qdet.jobs import classification_job
+    from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
     model = adapter.build(args.weights)
     qm = api.load(args.qmodel, adapter.build(args.weights))
-    result, _ = classification_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
+    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
     _emit(result, args)
 
 

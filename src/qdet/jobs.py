@@ -17,6 +17,9 @@ from qdet import api
 from qdet.config import QuantConfig
 from qdet.data.folders import make_loader, seeded_subset
 from qdet.qmodel import QuantizedModel
+from qdet.bench.latency import torch_threads
+from qdet.errors import ConfigError
+from qdet.models.base import Task
 from qdet.report.table import format_table
 
 
@@ -51,8 +54,13 @@ class JobOptions:
 
 
 def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
-    """A seeded calibration subset of the adapter's data, through the inference preprocessing."""
-    dataset = adapter.eval_dataset(opts.data) if hasattr(adapter, "eval_dataset") else None
+    """A seeded calibration subset through the inference preprocessing.
+
+    Detectors calibrate on their own training images (`calibration_dataset`), never on the
+    evaluation images; the CIFAR models only have the test folder (see README).
+    """
+    source = getattr(adapter, "calibration_dataset", None) or adapter.eval_dataset
+    dataset = source(opts.data)
     subset = seeded_subset(dataset, min(opts.calib_images, len(dataset)), seed=opts.seed)
     return make_loader(subset, opts.calib_batch)
 
@@ -60,17 +68,21 @@ def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
 def _eval_dataset(adapter: Any, opts: JobOptions) -> Any:
     dataset = adapter.eval_dataset(opts.data)
     if opts.eval_images is not None and opts.eval_images < len(dataset):
+        if adapter.task is not Task.CLASSIFICATION:
+            raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
         dataset = seeded_subset(dataset, opts.eval_images, seed=opts.seed + 1)
     return dataset
 
 
-def classification_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: JobOptions,
-                       qmodel: QuantizedModel | None = None) -> tuple[JobResult, QuantizedModel]:
-    """Quantize (unless `qmodel` is given) and compare float vs int8: top-1/5, size, latency."""
+def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: JobOptions,
+                qmodel: QuantizedModel | None = None) -> tuple[JobResult, QuantizedModel]:
+    """Quantize (unless `qmodel` is given), then float vs int8 side by side: the task metric on the
+    same data, size on disk and latency on the same input and threads."""
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
+    calib = calibration_loader(adapter, opts)
     if qmodel is None:
-        qmodel = api.quantize(model, calibration_loader(adapter, opts), cfg, adapter=adapter, progress=opts.progress)
+        qmodel = api.quantize(model, calib, cfg, adapter=adapter, progress=opts.progress)
     quant_s = time.perf_counter() - t0
     eval_set = _eval_dataset(adapter, opts)
     lowered_q = api.lower(qmodel, opts.runtime, threads=opts.threads)
@@ -78,54 +90,58 @@ def classification_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, o
     candidates = {
         "float (PyTorch eager)": ("torch", model),
         f"float ({opts.runtime})": (opts.runtime, lowered_f),
-        "int8 (reference simulation)": ("reference", qmodel),
         f"int8 ({opts.runtime})": (opts.runtime, lowered_q),
     }
+    if adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
+        candidates["int8 (reference simulation)"] = ("reference", qmodel)
+    classify = adapter.task is Task.CLASSIFICATION
+    metric_keys = ("top1", "top5") if classify else ("map", "map50")
     rows: list[dict[str, Any]] = []
     for label, (runtime, fn) in candidates.items():
-        res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
-        rows.append({"model": label, "runtime": runtime, "top1": res.top1, "top5": res.top5})
-    base = rows[0]["top1"]
+        with torch_threads(opts.threads):
+            res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
+        rows.append({"model": label, "runtime": runtime, **{k: getattr(res, k) for k in metric_keys}})
+    key = metric_keys[0]
     for r in rows:
-        r["d_top1"] = r["top1"] - base
-
+        r[f"d_{key}"] = r[key] - rows[0][key]
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {
-            f"float ({opts.runtime})": _saved_size(lowered_f, Path(tmp) / "f.onnx"),
-            f"int8 ({opts.runtime})": _saved_size(lowered_q, Path(tmp) / "q.onnx"),
-            "float (PyTorch eager)": _state_dict_size(model, Path(tmp) / "f.pt"),
+            "float (PyTorch eager)": _state_dict_size(model, Path(tmp) / "f.safetensors"),
+            f"float ({opts.runtime})": _saved_size(lowered_f, Path(tmp) / "f"),
+            f"int8 ({opts.runtime})": _saved_size(lowered_q, Path(tmp) / "q"),
             "int8 (reference simulation)": api.save(qmodel, Path(tmp) / "q.qdet").stat().st_size / 1e6,
         }
     for r in rows:
         r["size_mb"] = sizes.get(r["model"])
     if opts.bench:
-        x = eval_set[0][0].unsqueeze(0)
+        first = next(iter(calib))
+        x = (first[0] if isinstance(first, (tuple, list)) else first)[:1]
         timed = api.benchmark({k: (rt, fn, None) for k, (rt, fn) in candidates.items()}, (x,),
                               threads=opts.threads, repeats=opts.repeats, progress=opts.progress)
-        eager = timed[0].latency.median_ms
-        same_rt_float = timed[1].latency.median_ms
+        eager, same = timed[0].latency.median_ms, timed[1].latency.median_ms
         for r, t in zip(rows, timed):
             r["latency_ms"] = t.latency.median_ms
             r["speedup_vs_eager"] = eager / t.latency.median_ms
-        rows[3]["speedup_vs_same_runtime_fp32"] = same_rt_float / timed[3].latency.median_ms
+            if t.runtime == opts.runtime:
+                r["speedup_vs_same_runtime_fp32"] = same / t.latency.median_ms
     meta = {
-        "model": adapter.name,
-        "config": cfg.to_dict(),
-        "calibration_images": opts.calib_images,
-        "calibration_batches": qmodel.calibration_batches,
-        "eval_images": len(eval_set),
-        "threads": opts.threads,
-        "seed": opts.seed,
-        "quantize_seconds": quant_s,
+        "model": adapter.name, "config": cfg.to_dict(), "calibration_images": opts.calib_images,
+        "calibration_batches": qmodel.calibration_batches, "eval_images": len(eval_set),
+        "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
     qmodel.metrics = {"rows": rows, **meta}
-    cols = ["model", "top1", "top5", "d_top1", "size_mb", "latency_ms", "speedup_vs_eager"]
-    return JobResult(f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)", rows, cols, meta), qmodel
+    cols = ["model", *metric_keys, f"d_{key}", "size_mb", "latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
+    title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
+    return JobResult(title, rows, cols, meta), qmodel
 
 
-def _saved_size(lowered: Any, path: Path) -> float | None:
-    save = getattr(lowered, "save", None)
-    return save(path).stat().st_size / 1e6 if save is not None else None
+def _saved_size(lowered: Any, stem: Path) -> float | None:
+    """Total size of the runtime files of every lowered region (one file per region)."""
+    total, found = 0.0, False
+    for i, mod in enumerate(m for m in lowered.modules() if callable(getattr(m, "save", None))):
+        total += mod.save(stem.with_name(f"{stem.name}_{i}.onnx")).stat().st_size / 1e6
+        found = True
+    return total if found else None
 
 
 def _state_dict_size(model: torch.nn.Module, path: Path) -> float:

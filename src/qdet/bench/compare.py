@@ -25,7 +25,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
     lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [_state_dict_size(model, Path(tmp) / "f.safetensors"),
-                 _saved_size(lowered_f, Path(tmp) / "f.onnx"), _saved_size(lowered_q, Path(tmp) / "q.onnx")]
+                 _saved_size(lowered_f, Path(tmp) / "f"), _saved_size(lowered_q, Path(tmp) / "q")]
     timed = api.benchmark(
         {"float (PyTorch eager)": ("torch", model, sizes[0]),
          f"float ({opts.runtime})": (opts.runtime, lowered_f, sizes[1]),

@@ -202,9 +202,40 @@ class _Inserter:
                     self.quantize_output(node, _join(self.prefix, node.name), "input", self.cfg.format)
             elif node.op in ("call_module", "call_function", "call_method"):
                 self.visit(node)
+        self.share_concat_ranges()
         self.gm.graph.lint()
         self.gm.recompile()
         return self.layers
+
+    def share_concat_ranges(self) -> None:
+        """Give each concatenation and its inputs one observer, hence one scale/zero point.
+
+        With equal qparams an int8 concat is a copy instead of a requantization of every input
+        (onnxruntime's QLinearConcat, fbgemm's cat), and nothing is rounded twice. Inputs already
+        tied to another quantizer join through their source, so whole chains share one grid.
+        """
+        parent: dict[int, Quantizer] = {}
+
+        def root(q: Quantizer) -> Quantizer:
+            while id(q) in parent and parent[id(q)] is not q:
+                q = parent[id(q)]
+            return q
+
+        members: list[Quantizer] = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+                continue
+            out = self.source_q.get(self.out_q.get(node, node))
+            inputs = [self.source_q.get(a) for a in _tensor_args(node)]
+            group = [q for q in [out, *inputs] if q is not None and q.observer is not None]
+            if out is None or len(group) < 2 or any(q.spec != out.spec for q in group):
+                continue
+            for q in group:
+                parent.setdefault(id(q), q)
+                parent[id(root(q))] = root(out)
+                members.append(q)
+        for q in members:
+            q.observer = root(q).observer  # one observer object per connected group
 
     def visit(self, node: fx.Node) -> None:
         if not _is_float_tensor(node) and not _is_tensor_tuple(node):

@@ -113,8 +113,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
     Different seeds give disjoint, independent streams (train on seed 0, evaluate on seed 1).
     """
 
-    def __init__(self, n: int, *, seed: int = 0, size: int = 256, max_objects: int = 4) -> None:
+    def __init__(self, n: int, *, seed: int = 0, size: int = 256, max_objects: int = 4,
+                 min_frac: float = 0.12, max_frac: float = 0.42) -> None:
         self.n, self.seed, self.size, self.max_objects = n, seed, size, max_objects
+        self.min_frac, self.max_frac = min_frac, max_frac
 
     def __len__(self) -> int:
         return self.n
@@ -122,7 +124,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        image, boxes, labels = render(index, seed=self.seed, size=self.size, max_objects=self.max_objects)
+        image, boxes, labels = render(index, seed=self.seed, size=self.size, max_objects=self.max_objects,
+                                      min_frac=self.min_frac, max_frac=self.max_frac)
         return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index)}
 
     def coco_annotations(self) -> dict[str, Any]:
@@ -250,7 +253,7 @@ def train_detector(model: nn.Module, data: torch.utils.data.Dataset, *, steps: i
             opt.step()
             sched.step()
             step += 1
-            last = float(loss)
+            last = float(loss.detach())
             if log is not None and (step % 25 == 0 or step == 1):
                 log(f"step {step}/{steps} loss {last:.3f} ({time.perf_counter() - start:.0f} s)")
             if step >= steps or (time_limit_s is not None and time.perf_counter() - start > time_limit_s):

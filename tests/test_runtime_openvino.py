@@ -1,0 +1,75 @@
+"""OpenVINO lowering: registered, runs int8 kernels, agrees with the reference simulation and onnxruntime."""
+import pytest
+import torch
+import torchvision
+
+from qdet.api import lower
+from qdet.config import QuantConfig
+from qdet.qmodel import quantize
+from qdet.quant.calibrate import quantization_disabled
+from qdet.runtimes.base import get_runtime, runtime_names
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+
+def _batches(n=3, size=32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 3, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def qm():
+    torch.manual_seed(0)
+    return quantize(torchvision.models.resnet18(num_classes=10).eval(), _batches(), QuantConfig(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def ov(qm):
+    return lower(qm, "openvino", threads=1)
+
+
+def test_openvino_is_a_registered_runtime():
+    assert "openvino" in runtime_names()
+    assert get_runtime("openvino", threads=2).threads == 2
+
+
+def test_convolutions_run_in_int8(ov):
+    ops = ov.executed_ops()
+    int8_convs = sum(n for k, n in ops.items() if k.startswith("Convolution/") and k.split("/")[1] in ("u8", "i8"))
+    assert int8_convs >= 20, ops  # every conv of ResNet18 (BN folded) runs on int8 data
+
+
+def test_agrees_with_reference_and_onnxruntime(qm, ov):
+    ort = lower(qm, "onnxruntime", threads=1)
+    x = torch.cat(_batches(2))
+    with torch.no_grad():
+        ref, a, b = qm(x), ov(x), ort(x)
+    step = float(qm.model.get_submodule(qm.layers[-1].quantizer).scale)
+    # OpenVINO fuses requantization differently from the simulation (and from onnxruntime): a few
+    # output steps apart after 20 layers, on logits spanning ~200 steps
+    assert float((ref - a).abs().max()) <= 8 * step
+    assert float((a - b).abs().max()) <= 8 * step
+    assert (ref.argmax(1) == a.argmax(1)).float().mean() >= 0.95
+
+
+def test_float_lowering_matches_pytorch(qm):
+    rt = lower(qm, "openvino", quantized=False, threads=1)
+    x = torch.cat(_batches(1))
+    with torch.no_grad(), quantization_disabled(qm):  # the BN-folded float graph
+        assert torch.allclose(rt(x), qm(x), atol=1e-3)
+
+
+def test_input_size_and_batch_may_change(ov):
+    rt = ov
+    with torch.no_grad():
+        assert rt(torch.randn(3, 3, 48, 40)).shape == (3, 10)
+        assert rt(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_saved_file_is_the_qdq_onnx(ov, tmp_path):
+    import onnx
+
+    path = ov.save(tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
