@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
     _add_common(e)
     e.add_argument("--qmodel", required=True, help="a .qdet file written by `qdet quantize`")
+
+    a = sub.add_parser("analyze", help="per-layer error analysis: tables, activation maps, hexbins, HTML report",
+                       description="Quantize (or load --qmodel), evaluate float vs int8, then capture float and int8 "
+                                   "activations on the same images and write one self-contained HTML report.")
+    _add_common(a)
+    _add_quant_options(a)
+    a.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
+    a.add_argument("--batches", type=int, default=2, help="evaluation batches captured for the analysis (default: 2)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per analysed batch (default: 16)")
+    a.add_argument("--out", help="report folder (default: runs/<model>/analysis)")
+    a.add_argument("--sensitivity", choices=["off", "only", "skip"], default="off",
+                   help="one-at-a-time ranking by output SQNR: quantize only layer i, or keep only layer i float")
+    a.add_argument("--no-eval", action="store_true", help="skip the float vs int8 metric table")
 
     b = sub.add_parser("bench", help="size and latency, float vs int8, in one run", description="Size on disk and median latency of float and int8 on the same inputs and thread count.")
     _add_common(b)
@@ -155,7 +169,41 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(bench_job(args, config_from_args(args)), args)
 
 
-COMMANDS = {"list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from qdet import api
+    from qdet.analysis.report import analyze
+    from qdet.analysis.sensitivity import layer_sensitivity
+    from qdet.jobs import calibration_loader, compare_job
+
+    adapter = api.get_adapter(args.model)
+    model = adapter.build(args.weights)
+    opts = _job_options(args, bench=False)
+    qm = api.load(args.qmodel, adapter.build(args.weights)) if args.qmodel else api.quantize(
+        model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
+    metric_rows = None
+    if not args.no_eval:
+        result, _ = compare_job(adapter, model, qm.config, opts, qmodel=qm)
+        _emit(result, argparse.Namespace(json=None))
+        metric_rows = result.rows
+    from dataclasses import replace
+
+    batches = list(itertools.islice(calibration_loader(adapter, replace(opts, calib_batch=args.batch_size, seed=opts.seed + 7)), args.batches))
+    transform = adapter.transform_fn(model)
+    tables = {}
+    if args.sensitivity != "off":
+        sens = layer_sensitivity(qm, None, batches, transform_fn=transform, mode=args.sensitivity, progress=opts.progress)
+        print(sens.table(15))
+        tables[f"Sensitivity ({args.sensitivity}), output SQNR"] = sens.as_rows()
+    out = Path(args.out or f"runs/{args.model}/analysis")
+    rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables,
+                  title=f"qdet analysis: {args.model}", progress=opts.progress)
+    print(rep.table(10))
+    print(f"report: {rep.html.resolve()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"layers": list(rep.rows), "metrics": metric_rows}, indent=2, default=str))
+
+
+COMMANDS = {"list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

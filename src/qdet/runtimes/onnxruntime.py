@@ -81,6 +81,9 @@ def make_session(model_bytes: bytes, *, threads: int | None, optimized_path: Pat
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # Idle sessions must not spin on the cores: PyTorch (or another session) timed next would
+    # share them with busy-waiting threads and look many times slower than it is.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -243,21 +243,25 @@ def train_detector(model: nn.Module, data: torch.utils.data.Dataset, *, steps: i
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     step, start, last = 0, time.perf_counter(), float("nan")
-    while step < steps:
-        for images, targets in loader:
-            losses = model(images, targets)
-            loss = sum(losses.values())
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            step += 1
-            last = float(loss.detach())
-            if log is not None and (step % 25 == 0 or step == 1):
-                log(f"step {step}/{steps} loss {last:.3f} ({time.perf_counter() - start:.0f} s)")
-            if step >= steps or (time_limit_s is not None and time.perf_counter() - start > time_limit_s):
-                steps = step
-                break
+    torch.set_flush_denormal(True)  # tiny gradients become denormals: 5-10× slower steps on CPU otherwise
+    try:
+        while step < steps:
+            for images, targets in loader:
+                losses = model(images, targets)
+                loss = sum(losses.values())
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                opt.step()
+                sched.step()
+                step += 1
+                last = float(loss.detach())
+                if log is not None and (step % 25 == 0 or step == 1):
+                    log(f"step {step}/{steps} loss {last:.3f} ({time.perf_counter() - start:.0f} s)")
+                if step >= steps or (time_limit_s is not None and time.perf_counter() - start > time_limit_s):
+                    steps = step
+                    break
+    finally:
+        torch.set_flush_denormal(False)
     model.eval()
     return {"steps": float(step), "seconds": time.perf_counter() - start, "final_loss": last}
