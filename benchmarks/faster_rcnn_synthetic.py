@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="small", help="small (residual BN backbone + FPN, 1.4 M params) or resnet18")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--minutes", type=float, default=12.0, help="training time cap (CPU minutes, 1 thread)")

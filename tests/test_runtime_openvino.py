@@ -18,6 +18,15 @@ def _batches(n=3, size=32):
     return [torch.randn(4, 3, size, size, generator=g) for _ in range(n)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """PyTorch's spinning worker threads slow small models 10× when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def qm():
     torch.manual_seed(0)

@@ -199,28 +199,101 @@ class FasterRCNNAdapter:
 
         return transform
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: Callable[..., Any], data: Any, *, progress: bool = True,
+    # ------------------------------------------------------------------ data and evaluation
+    def eval_dataset(self, data: str | Path | None = None) -> Any:
+        """A KITTI folder (one with `training/image_2`, or `image_2`) → KittiDataset; otherwise COCO val
+        images (default: the bundled val2017 subset) → CocoDetection."""
+        from qdet.data.kitti import KittiDataset
+
+        if data is not None and _is_kitti(Path(data)):
+            return KittiDataset(data)
+        return _coco("val2017", data)
+
+    def calibration_dataset(self, data: str | Path | None = None) -> Any:
+        """Training images as (3, H, W) float tensors in [0, 1]: KITTI training frames or COCO train2017
+        (never the evaluation images). Sizes differ: batch them as lists (or batch size 1)."""
+        from qdet.data.kitti import KittiDataset
+
+        if data is not None and _is_kitti(Path(data)):
+            return _Images(KittiDataset(data))
+        return _Images(_coco("train2017", data))
+
+    def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True,
                  class_names: Mapping[int, str] | None = None) -> Any:
-        """KITTI 2D AP + the seed's accuracy/precision/mIoU over a `KittiDataset` split.
+        """COCO mAP on a CocoDetection (91-class torchvision labels are COCO category ids), or KITTI 2D AP
+        + the seed's accuracy/precision/mIoU on a KittiDataset (whole split).
 
-        class_names: detector label → KITTI class name (default: COCO_TO_KITTI for 91-class weights,
-        else the KITTI order of `qdet.data.kitti.KITTI_CLASSES`).
+        class_names (KITTI): detector label → KITTI class (default COCO_TO_KITTI for 91-class models,
+        else the order of `qdet.data.kitti.KITTI_CLASSES`, label 1 = Car).
         """
+        from qdet.data.coco import CocoDetection
         from qdet.data.kitti import KITTI_CLASSES, KittiDataset
-        from qdet.eval.kitti import detections_from_outputs, evaluate_kitti
 
-        if not isinstance(data, KittiDataset):
-            raise ConfigError(f"{self.name}: evaluate() needs a qdet.data.kitti.KittiDataset, got {type(data).__name__}")
-        if class_names is None:
-            class_names = COCO_TO_KITTI if self.num_classes == 91 else {i + 1: c for i, c in enumerate(KITTI_CLASSES)}
-        predictions = predict(model, data, progress=progress)
-        dets = [detections_from_outputs(out, class_names) for out in predictions]
-        return evaluate_kitti([data.labels(i) for i in range(len(data))], dets)
+        data = data if data is not None else self.eval_dataset()
+        n_classes = _num_classes(model, self.num_classes)
+        if isinstance(data, KittiDataset):
+            from qdet.eval.kitti import detections_from_outputs, evaluate_kitti
+
+            if class_names is None:
+                class_names = COCO_TO_KITTI if n_classes == 91 else {i + 1: c for i, c in enumerate(KITTI_CLASSES)}
+            outputs = predict(model, data, progress=progress)
+            dets = [detections_from_outputs(out, class_names) for out in outputs]
+            return evaluate_kitti([data.labels(i) for i in range(len(data))], dets)
+        if isinstance(data, CocoDetection):
+            from qdet.eval.coco import evaluate_coco
+
+            if n_classes != 91:
+                raise ConfigError(f"{self.name}: COCO evaluation needs the 91-class COCO label space, the model has "
+                                  f"{n_classes} classes; evaluate it on its own data (e.g. a KittiDataset)")
+            outputs = predict(model, _Images(data), progress=progress)
+            dets = [{"image_id": int(image_id), "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                     "score": float(sc)}
+                    for image_id, out in zip(data.image_ids, outputs)
+                    for b, lab, sc in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
+            return evaluate_coco(dets, data.annotations_json, image_ids=data.image_ids)
+        raise ConfigError(f"{self.name}: cannot evaluate on a {type(data).__name__}; pass a KittiDataset or CocoDetection")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Items of a (image, meta/target) dataset as (3, H, W) float tensors in [0, 1]."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self.source[index][0]
+        if isinstance(image, Tensor):
+            return image.float() / 255.0 if image.dtype == torch.uint8 else image
+        return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)  # (H, W, 3) uint8 RGB
+
+
+def _is_kitti(path: Path) -> bool:
+    return (path / "image_2").is_dir() or (path / "training" / "image_2").is_dir()
+
+
+def _coco(split: str, data: str | Path | None) -> Any:
+    from qdet.data.coco import CocoDetection
+    from qdet.paths import assets_dir
+
+    root = Path(data) if data else assets_dir() / "coco"
+    return CocoDetection(root / split, root / "annotations" / f"instances_{split}_subset.json")
+
+
+def _num_classes(model: Any, default: int) -> int:
+    """Classes of the detector inside `model` (float, QuantizedModel or lowered), else `default`."""
+    for m in getattr(model, "modules", lambda: [])():
+        predictor = getattr(getattr(m, "roi_heads", None), "box_predictor", None)
+        score = getattr(predictor, "cls_score", None)
+        if isinstance(score, nn.Linear):
+            return score.out_features
+    return default
 
 
 def predict(model: Callable[..., Any], data: Iterable[Any], *, progress: bool = True) -> list[dict[str, Tensor]]:
-    """Run `model` image by image over a dataset yielding (image, target); returns torchvision outputs."""
+    """Run `model` image by image over a dataset yielding images or (image, target); torchvision outputs."""
     from tqdm.auto import tqdm
 
     outputs = []

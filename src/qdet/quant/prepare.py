@@ -226,7 +226,9 @@ class _Inserter:
             if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
                 continue
             out = self.source_q.get(self.out_q.get(node, node))
-            inputs = [self.source_q.get(a) for a in _tensor_args(node)]
+            # inserted quantizer nodes carry no shape metadata: read the list argument directly
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            inputs = [self.source_q.get(a) for a in tensors if isinstance(a, fx.Node)]
             group = [q for q in [out, *inputs] if q is not None and q.observer is not None]
             if out is None or len(group) < 2 or any(q.spec != out.spec for q in group):
                 continue

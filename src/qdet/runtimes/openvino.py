@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from qdet.errors import RuntimeUnavailable
+from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.quant.prepare import PreparedRegion
 from qdet.runtimes.base import Runtime, register_runtime
 from qdet.runtimes.onnx_export import export_region, save_model
@@ -67,7 +67,9 @@ class OpenVinoModule(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         flat, _ = pytree.tree_flatten(args)
-        feeds = {i: t.detach().cpu().numpy().astype(np.float32, copy=False) for i, t in enumerate(flat[: self.num_inputs])}
+        if len(flat) != self.num_inputs:
+            raise ConfigError(f"region {self.name!r} takes {self.num_inputs} tensors, got {len(flat)}")
+        feeds = {i: t.detach().cpu().numpy().astype(np.float32, copy=False) for i, t in enumerate(flat)}
         result = self.request.infer(feeds)
         outs = [torch.from_numpy(np.array(result[o], copy=True)) for o in self.compiled.outputs]
         return pytree.tree_unflatten(outs, self.out_spec)

@@ -1,0 +1,111 @@
+"""YOLOv5 quantization: regions, float islands, runtime agreement, real-weight mAP (assets)."""
+import pytest
+import torch
+
+from conftest import require_asset
+from qdet import api
+from qdet.config import QuantConfig
+from qdet.models.yolo.adapter import YoloAdapter, YoloDetector
+from qdet.models.yolo.model import YOLOv5, yolov5_config
+
+
+def _tiny():
+    torch.manual_seed(0)
+    cfg = yolov5_config("n", nc=3, depth_multiple=0.33, width_multiple=0.125)
+    return YoloDetector(YOLOv5(cfg).eval()).eval()
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(2, 3, 64, 64, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_q():
+    det = _tiny()
+    adapter = YoloAdapter("yolov5n")
+    return det, api.quantize(det, _batches(), QuantConfig(), adapter=adapter, progress=False)
+
+
+def test_decode_stays_float_and_body_is_int8(tiny_q):
+    det, qm = tiny_q
+    assert list(qm.regions) == ["body"]
+    kinds = {r.kind for r in qm.layers}
+    assert {"conv", "sigmoid", "mul", "cat", "add"} <= kinds  # SiLU = int8 sigmoid · x
+    x = _batches(1)[0]
+    with torch.no_grad():
+        ref, out = det(x), qm(x)
+    assert out.shape == ref.shape == (2, 252, 8)
+    # boxes decoded in float from int8 maps: centres within a few pixels at 64×64
+    assert float((out[..., :2] - ref[..., :2]).abs().median()) < 1.0
+
+
+def test_onnxruntime_runs_every_op_int8(tiny_q):
+    pytest.importorskip("onnxruntime")
+    det, qm = tiny_q
+    lowered = api.lower(qm, "onnxruntime")
+    ops = lowered.body.fused_ops()
+    for float_op in ("Conv", "Sigmoid", "Mul", "Concat"):
+        assert float_op not in ops, ops
+    assert ops["QLinearConv"] > 0 and ops["QLinearSigmoid"] > 0 and ops["QLinearMul"] > 0
+    with torch.no_grad():
+        assert lowered(_batches(1)[0]).shape == (2, 252, 8)
+
+
+@pytest.mark.assets
+def test_onnxruntime_agrees_with_reference_on_real_weights():
+    """Random tiny YOLOs collapse to near-constant deep activations; real weights are the test."""
+    pytest.importorskip("onnxruntime")
+    require_asset("weights/yolov5n_v6.1_state_dict_fp16.pt")
+    adapter = api.get_adapter("yolov5n")
+    det = adapter.build()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(2, 3, 128, 128, generator=g) for _ in range(3)]
+    qm = api.quantize(det, batches, QuantConfig(), adapter=adapter, progress=False)
+    lowered = api.lower(qm, "onnxruntime")
+    x = batches[0]
+    with torch.no_grad():
+        ref_raw, ort_raw = qm.model.body(x), lowered.body(x)
+    for r, o, q in zip(ref_raw, ort_raw, [r for r in qm.layers if r.name.startswith("body.model.24.m")]):
+        step = float(qm.model.body.get_submodule(q.quantizer).scale)
+        d = (r - o).abs() / step  # in output steps; the maps span ~200 steps
+        # int8 kernels round each requantization their own way, and ~100 layers deep the rounding
+        # differences add up (measured: max 7 steps, ~80 % of elements within 1 step). The task
+        # metric decides: test_yolov5n_int8_map_on_coco_subset.
+        assert float((d <= 1.01).float().mean()) >= 0.75
+        assert float(d.max()) <= 8
+
+
+def test_concat_inputs_share_one_grid(tiny_q):
+    _, qm = tiny_q
+    body = qm.model.body
+    cats = [r for r in qm.layers if r.kind == "cat"]
+    assert cats
+    for rec in cats:
+        q = body.get_submodule(rec.quantizer)
+        node = next(n for n in body.graph.nodes if n.target == rec.quantizer)
+        cat = node.args[0]
+        for inp in cat.args[0]:
+            src = body.get_submodule(inp.target) if inp.op == "call_module" else None
+            scale = getattr(src, "scale", None) if src is not None else None
+            if scale is None and src is not None and hasattr(src, "source"):
+                scale = src.source.scale
+            assert scale is not None and torch.equal(scale, q.scale)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_yolov5n_int8_map_on_coco_subset():
+    require_asset("weights/yolov5n_v6.1_state_dict_fp16.pt")
+    require_asset("coco/annotations/instances_val2017_subset.json")
+    from qdet.data.folders import make_loader, seeded_subset
+
+    adapter = api.get_adapter("yolov5n")
+    model = adapter.build()
+    calib = make_loader(seeded_subset(adapter.calibration_dataset(), 32, seed=0), 8)
+    qm = api.quantize(model, calib, QuantConfig(), adapter=adapter, progress=False)
+    float_map = adapter.evaluate(model, progress=False).map
+    int8 = adapter.evaluate(api.lower(qm, "onnxruntime"), progress=False)
+    # float: the original implementation gives 0.302 on these images (square 640), ours 0.301
+    assert abs(float_map - 0.301) < 0.005
+    assert float_map - int8.map <= 0.005  # issue target: ≤ 0.5 mAP points
