@@ -76,8 +76,9 @@ def test_onnxruntime_agrees_with_reference_on_real_weights():
         assert float(d.max()) <= 8
 
 
-def test_concat_inputs_share_one_grid(tiny_q):
-    _, qm = tiny_q
+def test_concat_inputs_share_one_grid_when_asked():
+    det = _tiny()
+    qm = api.quantize(det, _batches(), QuantConfig(share_concat_ranges=True), adapter=YoloAdapter("yolov5n"), progress=False)
     body = qm.model.body
     cats = [r for r in qm.layers if r.kind == "cat"]
     assert cats

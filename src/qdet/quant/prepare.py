@@ -202,7 +202,8 @@ class _Inserter:
                     self.quantize_output(node, _join(self.prefix, node.name), "input", self.cfg.format)
             elif node.op in ("call_module", "call_function", "call_method"):
                 self.visit(node)
-        self.share_concat_ranges()
+        if self.cfg.share_concat_ranges:
+            self.share_concat_ranges()
         self.gm.graph.lint()
         self.gm.recompile()
         return self.layers
