@@ -125,7 +125,7 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
             if t.runtime == opts.runtime:
                 r["speedup_vs_same_runtime_fp32"] = same / t.latency.median_ms
     meta = {
-        "model": adapter.name, "config": cfg.to_dict(), "calibration_images": opts.calib_images,
+        "model": adapter.name, "config": cfg.to_dict(), "calibration_images": len(calib.dataset),
         "calibration_batches": qmodel.calibration_batches, "eval_images": len(eval_set),
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
