@@ -196,6 +196,7 @@ def _quantize_biases(model: Any) -> None:
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32).reshape(-1)
         if scale.size == 1:
             scale = np.full(bias.shape, scale[0], dtype=np.float32)
+        scale = np.maximum(scale, np.float32(1e-30))  # s_x·s_w can underflow to 0 on dead layers
         q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
         base = f"{node.name or node.output[0]}_bias_int32"  # per node: equal biases may share one initializer
         model.graph.initializer.extend([
