@@ -53,7 +53,7 @@ def quantize(
     regions: Sequence[RegionSpec] = (RegionSpec(),)
     name = ""
     if adapter is not None:
-        regions = [RegionSpec(r.path, r.leaf_modules) for r in adapter.regions(model)]
+        regions = list(adapter.regions(model))
         transform_fn = transform_fn or adapter.transform_fn(model)
         name = adapter.name
         expected = getattr(adapter, "input_range", None)
@@ -172,8 +172,3 @@ def onnx_size_mb(qmodel: QuantizedModel, *, quantized: bool) -> float:
 
 save = artifact.save
 load = artifact.load
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global RNG (calibration subsets use their own seeded generators)."""
-    torch.manual_seed(seed)

@@ -12,8 +12,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import torch
 from torch import nn
+
+from qdet.qmodel import RegionSpec
 
 
 class Task(Enum):
@@ -21,16 +22,8 @@ class Task(Enum):
     DETECTION = "detection"
 
 
-@dataclass(frozen=True)
-class Region:
-    """A submodule to quantize.
-
-    path: dotted module path inside the model ("" is the whole model).
-    leaf_modules: module *types* that the tracer must not enter (kept float, called as a black box).
-    """
-
-    path: str
-    leaf_modules: tuple[type[nn.Module], ...] = ()
+# The core's region type: the quantizer (qdet.qmodel) and adapters share one definition.
+Region = RegionSpec
 
 
 class ModelAdapter(Protocol):
