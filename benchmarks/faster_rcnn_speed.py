@@ -7,7 +7,9 @@ every variant:
   * qdet's fp32 regions on the same two runtimes (what the runtime alone buys);
   * the strongest automatic baseline: the whole detector exported to ONNX (legacy exporter) and
     quantized by onnxruntime's own `quantize_static` (QDQ, per-channel int8 weights, uint8 MinMax
-    activations, same six calibration frames), run by onnxruntime and by OpenVINO.
+    activations, same six calibration frames), run by onnxruntime and by OpenVINO — once with every
+    op type ORT supports (its default; this also quantizes anchor-generation arithmetic, which
+    OpenVINO 2026.4 refuses to compile) and once with Conv/Gemm/MatMul only.
 Variants are timed in interleaved rounds (each round times every variant once, in a shuffled order)
 so that the load of a shared machine hits all of them alike; the load average is printed.
 
@@ -33,7 +35,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 import qdet
@@ -41,6 +42,7 @@ from qdet.analysis.errors import layer_errors
 from qdet.bench.latency import torch_threads
 from qdet.data.kitti import KittiDataset
 from qdet.models import REGISTRY
+from qdet.models.rcnn.onnx_baseline import CONV_GEMM, OnnxDetector, export_detector, ort_quantize_static
 from qdet.models.rcnn.proposals import shared_proposals
 from qdet.paths import assets_dir
 
@@ -66,45 +68,43 @@ def recalibrate_bn(model: torch.nn.Module, images: list[torch.Tensor]) -> None:
     model.eval()
 
 
-def export_whole(model: torch.nn.Module, image: torch.Tensor, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, ([image],), str(path), dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["boxes", "labels", "scores"], dynamic_axes={"images": {1: "h", 2: "w"}},
-                          do_constant_folding=True)
+def noise_control(model: torch.nn.Module, image: torch.Tensor, snr_db: float) -> str:
+    import math
+
+    with torch.no_grad():
+        x = model.transform([image])[0].tensors
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        noise *= x.norm() / noise.norm() / 10 ** (snr_db / 20)
+        ref, noisy = model.backbone.body(x), model.backbone.body(x + noise)
+    parts = []
+    for k in ref:
+        err = float(((ref[k] - noisy[k]) ** 2).sum())
+        parts.append(f"body output {k}: {10 * math.log10(float((ref[k] ** 2).sum()) / max(err, 1e-30)):.1f} dB")
+    return f"input noise {snr_db:.1f} dB → " + ", ".join(parts)
 
 
-def ort_quantize_static(fp32: Path, out: Path, images: list[torch.Tensor]) -> float:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"images": img.numpy()} for img in images])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.it, None)
-
-    t = time.perf_counter()
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return time.perf_counter() - t
-
-
-def ort_session_fn(path: Path, threads: int) -> Callable[[torch.Tensor], Any]:
-    from qdet.runtimes.onnxruntime import make_session
-
-    sess = make_session(path.read_bytes(), threads=threads)
-    return lambda img: sess.run(None, {"images": img.numpy()})
-
-
-def ov_fn(path: Path, threads: int) -> Callable[[torch.Tensor], Any]:
-    from qdet.runtimes.openvino import compile_onnx
-
-    compiled = compile_onnx(path.read_bytes(), threads=threads)
-    request = compiled.create_infer_request()
-    return lambda img: request.infer({0: img.numpy()})
+def stage_breakdown(lowered: torch.nn.Module, regions: list[str], frame: torch.Tensor, *, threads: int,
+                    repeats: int = 3) -> tuple[dict[str, float], float]:
+    """Median ms per region call and for the whole call; the difference is the float islands (PyTorch)."""
+    spent: dict[str, list[float]] = {r: [] for r in regions}
+    starts: dict[str, float] = {}
+    handles = []
+    for r in regions:
+        mod = lowered.get_submodule(r)
+        handles.append(mod.register_forward_pre_hook(lambda m, a, r=r: starts.__setitem__(r, time.perf_counter())))
+        handles.append(mod.register_forward_hook(lambda m, a, o, r=r: spent[r].append(time.perf_counter() - starts[r])))
+    totals = []
+    try:
+        with torch_threads(threads), torch.no_grad():
+            for _ in range(repeats):  # every region is called once per image
+                t0 = time.perf_counter()
+                lowered([frame])
+                totals.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    per_region = {r: statistics.median(v) * 1000 for r, v in spent.items()}
+    return per_region, statistics.median(totals) * 1000
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, threads: int, warmup: int, repeats: int,
@@ -192,25 +192,35 @@ def main() -> None:
         sizes_extra = {}
         if not args.skip_baseline:
             t = time.perf_counter()
-            export_whole(model, frame, whole_fp32)
+            export_detector(model, frame, whole_fp32)
             print(f"whole-model ONNX export (legacy exporter): {time.perf_counter() - t:.1f} s")
             secs = ort_quantize_static(whole_fp32, whole_int8, images)
-            print(f"onnxruntime quantize_static of the whole detector: {secs:.1f} s")
-            sizes_extra = {"whole fp32 ONNX": whole_fp32.stat().st_size, "ORT quantize_static ONNX": whole_int8.stat().st_size}
-            ortq_ort, ortq_ov = ort_session_fn(whole_int8, args.threads), ov_fn(whole_int8, args.threads)
-            fp32_whole_ort = ort_session_fn(whole_fp32, args.threads)
-            baseline = {
-                "whole fp32 ONNX · onnxruntime": lambda: fp32_whole_ort(frame),
-                "ORT quantize_static · onnxruntime": lambda: ortq_ort(frame),
-                "ORT quantize_static · openvino": lambda: ortq_ov(frame),
-            }
+            print(f"onnxruntime quantize_static of the whole detector (every supported op): {secs:.1f} s")
+            whole_conv = tmp / "whole_ortq_conv.onnx"
+            secs = ort_quantize_static(whole_fp32, whole_conv, images, op_types=CONV_GEMM)
+            print(f"onnxruntime quantize_static, Conv/Gemm/MatMul only: {secs:.1f} s")
+            sizes_extra = {"whole fp32 ONNX": whole_fp32.stat().st_size,
+                           "ORT quantize_static ONNX (all ops)": whole_int8.stat().st_size,
+                           "ORT quantize_static ONNX (conv/gemm)": whole_conv.stat().st_size}
+            candidates = [("whole fp32 ONNX · onnxruntime", whole_fp32, "onnxruntime"),
+                          ("ORT quantize_static (all) · ORT", whole_int8, "onnxruntime"),
+                          ("ORT quantize_static (conv) · ORT", whole_conv, "onnxruntime"),
+                          ("ORT quantize_static (all) · OV", whole_int8, "openvino"),
+                          ("ORT quantize_static (conv) · OV", whole_conv, "openvino")]
+            for label, path, runtime in candidates:
+                try:
+                    det = OnnxDetector(path, runtime=runtime, threads=args.threads)
+                except RuntimeError as exc:  # OpenVINO cannot compile every QDQ placement ORT chooses
+                    print(f"{label}: OpenVINO failed to compile it ({str(exc).strip().splitlines()[-1][:160]})")
+                    continue
+                baseline[label] = lambda det=det: det.raw(frame)
 
     print("\nSize on disk")
     rows = [("PyTorch fp32 state_dict (.pth)", pth), ("qdet fp32 regions (ONNX, sum)", sum(fp32_sizes.values())),
             ("qdet int8 regions (QDQ ONNX, sum)", sum(int8_sizes.values())), ("qdet int8 artefact (.qdet)", qdet_file),
             *sizes_extra.items()]
     for name, size in rows:
-        print(f"  {name:<36} {mb(size):8.1f} MB   {size / pth:6.3f}× of fp32 .pth")
+        print(f"  {name:<36} {mb(size):8.1f} MB {size / 2**20:8.1f} MiB   {size / pth:6.3f}× of fp32 .pth")
     print("  int8 regions: " + ", ".join(f"{k} {mb(v):.1f} MB" for k, v in int8_sizes.items()))
 
     # ------------------------------------------------------------ latency
@@ -236,6 +246,11 @@ def main() -> None:
         results[name] = {"median_ms": med, "p90_ms": p90, "min_ms": s[0], "speedup": base / med}
         print(f"  {name:<36} {med:10.0f} {p90:9.0f} {s[0]:9.0f} {base / med:15.2f}×")
     print(f"  load average: {start_load} (start of timing) → {end_load} (end)")
+    for label, low in (("onnxruntime", int8_ort), ("openvino", int8_ov)):
+        per_region, total = stage_breakdown(low, regions, frame, threads=args.threads)
+        islands = total - sum(per_region.values())
+        print(f"  qdet int8 · {label}: {total:.0f} ms = " + " + ".join(f"{r} {v:.0f}" for r, v in per_region.items())
+              + f" + float islands in PyTorch {islands:.0f} ms (median of 3)")
     for label, low in (("onnxruntime", int8_ort), ("openvino", int8_ov)):
         counts = {}
         for path in regions:
@@ -264,6 +279,9 @@ def main() -> None:
             sqnr_rows.append({"region": region, "layer": e.name, "kind": kinds.get(e.name, "?"),
                               "sqnr_db": e.sqnr_db, "cosine": e.cosine})
             print(f"  {e.name:<48} {kinds.get(e.name, '?'):<7} {e.sqnr_db:8.1f} {e.cosine:8.4f}")
+        print("\n  control: the FLOAT network with only Gaussian noise added to its input, at the input quantizer's "
+              "SQNR → SQNR of the body's outputs (random weights amplify any perturbation layer by layer):")
+        print("  " + noise_control(model, frame, errors[0].sqnr_db))
         print(f"\n  {'region':<26} {'points':>6} {'min dB':>7} {'median dB':>10} {'worst layer'}")
         for region in regions:
             rs = [r for r in sqnr_rows if r["region"] == region]

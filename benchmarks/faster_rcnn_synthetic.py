@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +32,8 @@ from qdet.bench.latency import torch_threads
 from qdet.eval.coco import evaluate_coco
 from qdet.models.faster_rcnn import FasterRCNNAdapter
 from qdet.models.rcnn import make_quantizable
+from qdet.models.rcnn.onnx_baseline import CONV_GEMM, OnnxDetector, export_detector, ort_quantize_static
+from qdet.models.rcnn.proposals import shared_proposals
 from qdet.models.rcnn.synthetic import (SHAPE_CLASSES, SyntheticShapes, resnet18_faster_rcnn, tiny_faster_rcnn,
                                         train_detector)
 
@@ -111,8 +114,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-images", type=int, default=200)
     ap.add_argument("--calib-images", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for evaluation (1: PyTorch's spinning threads crawl on a shared machine)")
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--skip-baseline", action="store_true", help="skip onnxruntime quantize_static of the whole model")
     ap.add_argument("--out", type=Path, default=Path("runs/faster_rcnn_synthetic"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -138,11 +143,25 @@ def main() -> None:
         "PyTorch fp32": model, "qdet int8 (simulation)": qm, "qdet int8 · onnxruntime": int8_ort,
         "qdet int8 · openvino": int8_ov,
     }
+    if not args.skip_baseline:  # onnxruntime's own quantize_static of the whole exported detector
+        calib_images = [calib_set[i][0] for i in range(len(calib_set))]
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_detector(model, calib_images[0], f"{tmp}/fp32.onnx")
+            for tag, ops in (("all", None), ("conv", CONV_GEMM)):
+                path = f"{tmp}/int8_{tag}.onnx"
+                ort_quantize_static(fp32, path, calib_images, op_types=ops)
+                for runtime, short in (("onnxruntime", "ORT"), ("openvino", "OV")):
+                    try:
+                        variants[f"ORT quantize_static ({tag}) · {short}"] = OnnxDetector(path, runtime=runtime,
+                                                                                         threads=args.threads)
+                    except RuntimeError as exc:
+                        print(f"ORT quantize_static ({tag}) · {short}: OpenVINO failed to compile it "
+                              f"({str(exc).strip().splitlines()[-1][:120]})")
     results: dict[str, Any] = {}
     outputs: dict[str, list[dict]] = {}
     print(f"\nCOCO bbox mAP on {len(val)} held-out generated images ({len(gt['annotations'])} objects), "
           f"{args.threads} threads (load {load()})")
-    print(f"  {'variant':<26} {'mAP':>6} {'mAP50':>6} {'mAP75':>6} {'Δ mAP':>7} {'agree@0.9':>10} {'ms/img':>7}")
+    print(f"  {'variant':<34} {'mAP':>6} {'mAP50':>6} {'mAP75':>6} {'Δ mAP':>7} {'agree@0.9':>10} {'ms/img':>7}")
     with torch_threads(args.threads):
         for name, fn in variants.items():
             outs, dets, ms = detect(fn, val)
@@ -151,8 +170,21 @@ def main() -> None:
             m, n = agreement(outputs["PyTorch fp32"], outs)
             results[name] = {**r.as_dict(), "ms_per_image": ms, "agreement": [m, n]}
             delta = r.map - results["PyTorch fp32"]["map"]
-            print(f"  {name:<26} {r.map:6.3f} {r.map50:6.3f} {r.map75:6.3f} {delta:+7.3f} {m / max(n, 1):10.1%} {ms:7.1f}")
+            print(f"  {name:<34} {r.map:6.3f} {r.map50:6.3f} {r.map75:6.3f} {delta:+7.3f} {m / max(n, 1):10.1%} {ms:7.1f}")
     print("  agree@0.9: share of float detections (score > 0.5) matched by a same-class int8 detection with IoU >= 0.9")
+    from qdet.analysis.errors import layer_errors
+
+    with torch_threads(args.threads), shared_proposals(qm):
+        errors = layer_errors(qm, [[val[i][0]] for i in range(8)], adapter.transform_fn(qm))
+    print("\n  per-layer SQNR of the trained detector (8 held-out images, float vs int8 simulation, shared proposals):")
+    sqnr = {}
+    for region in qm.regions:
+        vals = [e.sqnr_db for e in errors if e.name.startswith(region + ".")]
+        worst = min((e for e in errors if e.name.startswith(region + ".")), key=lambda e: e.sqnr_db)
+        sqnr[region] = {"points": len(vals), "min_db": worst.sqnr_db, "median_db": statistics.median(vals)}
+        print(f"  {region:<26} {len(vals):>3} points  min {worst.sqnr_db:5.1f} dB ({worst.name})  "
+              f"median {statistics.median(vals):5.1f} dB")
+    results["sqnr"] = sqnr
     print(f"  training: {info['steps']:.0f} steps, {info['seconds'] / 60:.1f} min, final loss {info['final_loss']:.3f}; "
           f"load average now {load()}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from qdet.models.base import Region, Task
 from qdet.models.rcnn.views import check_quantizable, make_quantizable
 from qdet.models.weights import load_into, load_state_dict_file
 
-__all__ = ["FasterRCNNAdapter", "FASTER_RCNN_ADAPTERS", "RANDOM_INIT", "REGION_PATHS", "images_of",
+__all__ = ["FasterRCNNAdapter", "FASTER_RCNN_ADAPTERS", "RANDOM_INIT", "REGION_PATHS", "images_of", "predict",
            "COCO_TO_KITTI"]
 
 RANDOM_INIT = "random"
@@ -51,7 +51,8 @@ _MODEL_OPTIONS = (
     "rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh", "box_detections_per_img",
     "trainable_backbone_layers",
 )
-# COCO category id → KITTI class, for evaluating COCO-trained weights on KITTI (person→Pedestrian, ...).
+# COCO category id → KITTI class, for evaluating COCO-trained weights on KITTI (person → Pedestrian, ...).
+# Approximate: a COCO "bicycle" box covers the bike, a KITTI "Cyclist" box the bike and its rider.
 COCO_TO_KITTI: dict[int, str] = {1: "Pedestrian", 2: "Cyclist", 3: "Car", 8: "Truck", 7: "Tram"}
 
 
