@@ -32,8 +32,9 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,7 +43,12 @@ from qdet.analysis.errors import layer_errors
 from qdet.bench.latency import torch_threads
 from qdet.data.kitti import KittiDataset
 from qdet.models import REGISTRY
-from qdet.models.rcnn.onnx_baseline import CONV_GEMM, OnnxDetector, export_detector, ort_quantize_static
+from qdet.models.rcnn.onnx_baseline import (
+    CONV_GEMM,
+    OnnxDetector,
+    export_detector,
+    ort_quantize_static,
+)
 from qdet.models.rcnn.proposals import shared_proposals
 from qdet.paths import assets_dir
 
@@ -242,7 +248,7 @@ def main() -> None:
     results = {}
     for name, ts in times.items():
         s = sorted(ts)
-        med, p90 = statistics.median(s), s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+        med, p90 = statistics.median(s), s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
         results[name] = {"median_ms": med, "p90_ms": p90, "min_ms": s[0], "speedup": base / med}
         print(f"  {name:<36} {med:10.0f} {p90:9.0f} {s[0]:9.0f} {base / med:15.2f}×")
     print(f"  load average: {start_load} (start of timing) → {end_load} (end)")

@@ -21,8 +21,9 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torchvision.ops import box_iou
@@ -32,10 +33,20 @@ from qdet.bench.latency import torch_threads
 from qdet.eval.coco import evaluate_coco
 from qdet.models.faster_rcnn import FasterRCNNAdapter
 from qdet.models.rcnn import make_quantizable
-from qdet.models.rcnn.onnx_baseline import CONV_GEMM, OnnxDetector, export_detector, ort_quantize_static
+from qdet.models.rcnn.onnx_baseline import (
+    CONV_GEMM,
+    OnnxDetector,
+    export_detector,
+    ort_quantize_static,
+)
 from qdet.models.rcnn.proposals import shared_proposals
-from qdet.models.rcnn.synthetic import (SHAPE_CLASSES, SyntheticShapes, resnet18_faster_rcnn, tiny_faster_rcnn,
-                                        train_detector)
+from qdet.models.rcnn.synthetic import (
+    SHAPE_CLASSES,
+    SyntheticShapes,
+    resnet18_faster_rcnn,
+    tiny_faster_rcnn,
+    train_detector,
+)
 
 
 def load() -> str:

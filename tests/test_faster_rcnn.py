@@ -13,6 +13,7 @@ int8 features pick a neighbouring proposal).
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _trained_tiny() -> nn.Module:
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
-        except Exception:  # a stale or truncated cache file: retrain
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):  # stale/truncated: retrain
             model = tiny_faster_rcnn(image_size=SIZE)
     torch.manual_seed(SEED)
     train_detector(model, SyntheticShapes(4000, seed=SEED, size=SIZE, max_objects=3), steps=STEPS,

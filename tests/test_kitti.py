@@ -7,7 +7,13 @@ import pytest
 import torch
 from conftest import require_asset
 
-from qdet.data.kitti import Difficulty, KittiDataset, KittiObject, parse_label_line, read_label_file
+from qdet.data.kitti import (
+    Difficulty,
+    KittiDataset,
+    KittiObject,
+    parse_label_line,
+    read_label_file,
+)
 from qdet.errors import DataError
 from qdet.eval.kitti import Detection, evaluate_kitti, official_ap, seed_metrics
 

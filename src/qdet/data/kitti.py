@@ -23,18 +23,26 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from qdet.errors import DataError
 
-__all__ = ["KITTI_CLASSES", "DONT_CARE", "Difficulty", "DIFFICULTY_LIMITS", "KittiObject", "parse_label_line",
-           "read_label_file", "KittiDataset"]
+__all__ = [
+    "DIFFICULTY_LIMITS",
+    "DONT_CARE",
+    "KITTI_CLASSES",
+    "Difficulty",
+    "KittiDataset",
+    "KittiObject",
+    "parse_label_line",
+    "read_label_file",
+]
 
 KITTI_CLASSES: tuple[str, ...] = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
 DONT_CARE = "DontCare"

@@ -27,14 +27,15 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from qdet.data.kitti import DONT_CARE, Difficulty, KittiObject
 
-__all__ = ["Detection", "KittiResult", "evaluate_kitti", "detections_from_outputs", "MIN_OVERLAP", "EVAL_CLASSES"]
+__all__ = ["EVAL_CLASSES", "MIN_OVERLAP", "Detection", "KittiResult", "detections_from_outputs", "evaluate_kitti"]
 
 EVAL_CLASSES: tuple[str, ...] = ("Car", "Pedestrian", "Cyclist")
 MIN_OVERLAP: dict[str, float] = {"Car": 0.7, "Pedestrian": 0.5, "Cyclist": 0.5}

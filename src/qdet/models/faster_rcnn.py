@@ -39,8 +39,15 @@ from qdet.models.base import Region, Task
 from qdet.models.rcnn.views import check_quantizable, make_quantizable
 from qdet.models.weights import load_into, load_state_dict_file
 
-__all__ = ["FasterRCNNAdapter", "FASTER_RCNN_ADAPTERS", "RANDOM_INIT", "REGION_PATHS", "images_of", "predict",
-           "COCO_TO_KITTI"]
+__all__ = [
+    "COCO_TO_KITTI",
+    "FASTER_RCNN_ADAPTERS",
+    "RANDOM_INIT",
+    "REGION_PATHS",
+    "FasterRCNNAdapter",
+    "images_of",
+    "predict",
+]
 
 RANDOM_INIT = "random"
 REGION_PATHS: tuple[str, ...] = ("backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")
@@ -285,7 +292,7 @@ def _coco(split: str, data: str | Path | None) -> Any:
 
 def _num_classes(model: Any, default: int) -> int:
     """Classes of the detector inside `model` (float, QuantizedModel or lowered), else `default`."""
-    for m in getattr(model, "modules", lambda: [])():
+    for m in getattr(model, "modules", list)():
         predictor = getattr(getattr(m, "roi_heads", None), "box_predictor", None)
         score = getattr(predictor, "cls_score", None)
         if isinstance(score, nn.Linear):

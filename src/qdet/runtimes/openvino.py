@@ -27,7 +27,7 @@ from qdet.quant.prepare import PreparedRegion
 from qdet.runtimes.base import Runtime, register_runtime
 from qdet.runtimes.onnx_export import export_region, save_model
 
-__all__ = ["OpenVinoRuntime", "OpenVinoModule", "compile_onnx"]
+__all__ = ["OpenVinoModule", "OpenVinoRuntime", "compile_onnx"]
 
 
 def _ov() -> Any:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from qdet.errors import ConfigError
 
-__all__ = ["export_detector", "ort_quantize_static", "OnnxDetector", "CONV_GEMM"]
+__all__ = ["CONV_GEMM", "OnnxDetector", "export_detector", "ort_quantize_static"]
 
 CONV_GEMM: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
 
@@ -46,8 +46,13 @@ def ort_quantize_static(fp32: str | Path, out: str | Path, images: Sequence[Tens
 
     op_types: operator types to quantize (default: every type ORT supports). Returns the seconds taken.
     """
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -15,15 +15,16 @@ input object, so:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
 from qdet.errors import ConfigError
 from qdet.models.rcnn.views import is_faster_rcnn
 
-__all__ = ["shared_proposals", "find_detector"]
+__all__ = ["find_detector", "shared_proposals"]
 
 
 def find_detector(model: nn.Module) -> nn.Module:

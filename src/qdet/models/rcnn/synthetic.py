@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,8 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SHAPE_CLASSES", "SyntheticShapes", "render", "tiny_faster_rcnn", "resnet18_faster_rcnn",
-           "train_detector", "collate"]
+__all__ = [
+    "SHAPE_CLASSES",
+    "SyntheticShapes",
+    "collate",
+    "render",
+    "resnet18_faster_rcnn",
+    "tiny_faster_rcnn",
+    "train_detector",
+]
 
 SHAPE_CLASSES: tuple[str, ...] = ("box", "disc", "triangle")
 
@@ -38,7 +46,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
         wave = np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
         img += wave[..., None] * rng.uniform(-0.12, 0.12, 3).astype(np.float32)
     coarse = rng.normal(0, 0.12, (6, 6, 3)).astype(np.float32)
-    reps = int(math.ceil(size / 6))
+    reps = math.ceil(size / 6)
     blotches = np.kron(coarse, np.ones((reps, reps, 1), np.float32))[:size, :size]
     img += blotches + rng.normal(0, 0.03, (size, size, 3)).astype(np.float32)
     return np.clip(img, 0, 1)
@@ -169,7 +177,7 @@ class _TinyBody(nn.Sequential):
     def __init__(self, widths: Sequence[int]) -> None:
         layers: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(
             nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()))]
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(widths)):
             layers.append((f"layer{i + 1}", _Block(cin, cout, 2)))
         from collections import OrderedDict
 

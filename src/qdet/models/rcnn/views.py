@@ -27,12 +27,12 @@ from torchvision.models.detection.rpn import RPNHead
 from qdet.errors import ConfigError
 
 __all__ = [
-    "TraceableRPNHead",
     "TraceableFastRCNNPredictor",
-    "unfreeze_batchnorm",
-    "make_quantizable",
+    "TraceableRPNHead",
     "check_quantizable",
     "is_faster_rcnn",
+    "make_quantizable",
+    "unfreeze_batchnorm",
 ]
 
 
