@@ -19,6 +19,13 @@ from qdet.quant.calibrate import quantization_disabled
 from qdet.quant.prepare import PreparedRegion
 
 
+def modules_available(*names: str) -> bool:
+    """True when every optional dependency a runtime needs can be imported."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
 class Runtime(ABC):
     """Lowers regions of a QuantizedModel; subclasses register themselves in RUNTIMES."""
 

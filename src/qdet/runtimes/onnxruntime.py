@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from qdet.errors import RuntimeUnavailable
 from qdet.quant.prepare import PreparedRegion
-from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.base import Runtime, modules_available, register_runtime
 from qdet.runtimes.onnx_export import export_region, save_model
 
 
@@ -96,12 +96,7 @@ class OnnxRuntime(Runtime):
 
     @classmethod
     def is_available(cls) -> bool:
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return modules_available("onnx", "onnxruntime")
 
     def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
         flat_in, in_spec = pytree.tree_flatten(example_inputs)

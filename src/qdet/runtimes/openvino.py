@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.quant.prepare import PreparedRegion
-from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.base import Runtime, modules_available, register_runtime
 from qdet.runtimes.onnx_export import export_region, save_model
 
 __all__ = ["OpenVinoModule", "OpenVinoRuntime", "compile_onnx"]
@@ -106,12 +106,7 @@ class OpenVinoRuntime(Runtime):
 
     @classmethod
     def is_available(cls) -> bool:
-        try:
-            import onnx  # noqa: F401
-            import openvino  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return modules_available("onnx", "openvino")
 
     def install_hint(self) -> str:
         return "pip install 'qdet[openvino]'"
