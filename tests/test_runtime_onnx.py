@@ -82,3 +82,21 @@ def test_sub_8_bit_weights_refuse_onnx_export():
 def test_unknown_runtime_is_a_config_error(qm):
     with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'"):
         lower(qm, "tensorrt")
+
+
+def test_bias_that_would_overflow_int32_survives():
+    """A (near-)dead input gives s_x = 1e-8: b / (s_x·s_w) would not fit int32 and runtimes would
+    saturate it. Calibration widens that input grid instead, so the bias survives."""
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 4, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1e-7)  # the second conv's input is ~1e-7: s_x hits its 1e-8 floor
+        net[0].bias.zero_()
+        net[2].bias.copy_(torch.tensor([5.0, -3.0, 0.5, 0.0]))
+    dead = [torch.rand(2, 3, 8, 8) for _ in range(2)]
+    qm = quantize(net, dead, QuantConfig(), progress=False)
+    rt = lower(qm, "onnxruntime")
+    with torch.no_grad():
+        ref, out = qm(dead[0]), rt(dead[0])
+    step = float(qm.model.get_submodule(qm.layers[-1].quantizer).scale)
+    assert float((ref - out).abs().max()) <= step
+    assert torch.allclose(out[:, :, 0, 0], torch.tensor([5.0, -3.0, 0.5, 0.0]).expand(2, 4), atol=step)

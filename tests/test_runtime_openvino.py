@@ -76,6 +76,22 @@ def test_input_size_and_batch_may_change(ov):
         assert rt(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_static_compilations_are_bounded(qm):
+    rt = lower(qm, "openvino", threads=1)
+    sizes = [32, 40, 48, 56, 64, 72]
+    x = {s: torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in sizes}
+    with torch.no_grad():
+        outs = {s: rt(x[s]) for s in sizes}
+        again = rt(x[32])  # a cached static compilation answers the same
+    static = [k for k in rt.compiled_shapes if k is not None]
+    assert static == [((1, 3, s, s),) for s in sizes[: rt.max_static]]
+    assert None in rt.compiled_shapes  # the 5th and 6th shapes share one dynamic compilation
+    assert torch.equal(again, outs[32])
+    with torch.no_grad():
+        for s in sizes:
+            assert torch.allclose(outs[s], qm(x[s]), atol=8 * float(qm.model.get_submodule(qm.layers[-1].quantizer).scale))
+
+
 def test_saved_file_is_the_qdq_onnx(ov, tmp_path):
     import onnx
 

@@ -76,6 +76,51 @@ def test_onnxruntime_agrees_with_reference_on_real_weights():
         assert float(d.max()) <= 8
 
 
+def test_fused_silu_quantizes_only_the_activation_output():
+    det = _tiny()
+    adapter = YoloAdapter("yolov5n")
+    fused = api.quantize(det, _batches(), QuantConfig(fuse_silu=True), adapter=adapter, progress=False)
+    split = api.quantize(det, _batches(), QuantConfig(), adapter=adapter, progress=False)
+    kinds = [r.kind for r in fused.layers]
+    assert "sigmoid" not in kinds and "mul" not in kinds
+    convs = [r for r in fused.layers if r.kind == "conv"]
+    assert len(convs) == sum(r.kind == "conv" for r in split.layers)
+    body = fused.model.body
+    for rec in convs[:-3]:  # every conv but the Detect 1×1s is followed by SiLU
+        qnode = next(n for n in body.graph.nodes if n.target == rec.quantizer)
+        act = qnode.args[0]
+        assert act.target is torch.nn.functional.silu or "act" in str(act.target), act
+    x = _batches(1)[0]
+    with torch.no_grad():
+        ref = det(x)
+        assert float((fused(x)[..., :2] - ref[..., :2]).abs().median()) < 1.0
+
+
+@pytest.mark.assets
+def test_openvino_runs_fused_silu_convs_int8_and_agrees_with_reference():
+    pytest.importorskip("openvino")
+    require_asset("weights/yolov5n_v6.1_state_dict_fp16.pt")
+    adapter = api.get_adapter("yolov5n")
+    det = adapter.build()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(2, 3, 128, 128, generator=g) for _ in range(3)]
+    qm = api.quantize(det, batches, QuantConfig(fuse_silu=True), adapter=adapter, progress=False)
+    lowered = api.lower(qm, "openvino", threads=1)
+    x = batches[0]
+    with torch.no_grad():
+        ref_raw, ov_raw = qm.model.body(x), lowered.body(x)
+    ops = lowered.body.executed_ops()
+    int8_convs = sum(n for k, n in ops.items() if k.startswith("Convolution/") and k.split("/")[1] in ("u8", "i8"))
+    assert int8_convs == sum(r.kind == "conv" for r in qm.layers), ops
+    assert not any(k.startswith("Convolution/f") for k in ops), ops
+    heads = [r for r in qm.layers if r.name.startswith("body.model.24.m")]
+    for r, o, q in zip(ref_raw, ov_raw, heads):
+        step = float(qm.model.body.get_submodule(q.quantizer).scale)
+        d = (r - o).abs() / step
+        assert float((d <= 1.01).float().mean()) >= 0.75
+        assert float(d.max()) <= 8
+
+
 def test_concat_inputs_share_one_grid_when_asked():
     det = _tiny()
     qm = api.quantize(det, _batches(), QuantConfig(share_concat_ranges=True), adapter=YoloAdapter("yolov5n"), progress=False)

@@ -39,6 +39,10 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual", default="quantized_add", help="residual policy: quantized_add or fuse_conv_add (default: quantized_add)")
     g.add_argument("--format", default="int", help="int (default), fp16 or bf16")
     g.add_argument("--skip", nargs="*", default=[], metavar="LAYER", help="layer names or fnmatch patterns kept in float")
+    g.add_argument("--silu", default="auto", choices=["auto", "fused", "decomposed"],
+                   help="SiLU (YOLO): fused into the int8 conv, only its output quantized (OpenVINO runs it as one "
+                        "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
+                        "int8). auto: fused when the runtime fuses it (default: auto)")
     g.add_argument("--calib-images", type=int, default=512, help="calibration images, a seeded subset (default: 512)")
     g.add_argument("--calib-batch", type=int, default=32, help="calibration batch size (default: 32)")
 
@@ -48,7 +52,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="float weights file (.pt/.pth/.safetensors); default: bundled or torchvision")
     p.add_argument("--data", help="evaluation/calibration data folder (default: the model's bundled set)")
     p.add_argument("--eval-images", type=int, help="evaluate on a seeded subset of N images (default: all)")
-    p.add_argument("--runtime", default="onnxruntime", help="int8 runtime: onnxruntime (default), torch, reference")
+    p.add_argument("--runtime", default="auto",
+                   help="where float and int8 run: openvino, onnxruntime, torch, reference; auto = the fastest installed "
+                        "(openvino, then onnxruntime) (default: auto)")
     p.add_argument("--threads", type=int, default=2, help="threads for every timed model (default: 2)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration/evaluation subsets (default: 0)")
@@ -94,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    from qdet.runtimes.base import get_runtime
+
     observer = parse_enum(Observer, args.observer, "observer")
+    fuse_silu = args.silu == "fused" or (args.silu == "auto" and get_runtime(args.runtime).fuses_silu)
     granularity = PerChannel(0) if args.weight_granularity == "per-channel" else PerTensor()
     return QuantConfig(
         activations=default_activation_spec(observer),
@@ -102,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         residual=parse_enum(ResidualPolicy, args.residual, "residual policy"),
         format=parse_enum(Format, args.format, "format"),
         skip=tuple(args.skip),
+        fuse_silu=fuse_silu,
     )
 
 
@@ -209,6 +219,10 @@ COMMANDS = {"list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "runtime", None):
+            from qdet.runtimes.base import resolve_runtime
+
+            args.runtime = resolve_runtime(args.runtime)
         COMMANDS[args.command](args)
     except QdetError as exc:
         print(f"qdet: error: {exc}", file=sys.stderr)

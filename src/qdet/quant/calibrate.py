@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from qdet.errors import CalibrationError
-from qdet.quant.quantizer import CastQuantizer, Quantizer, TiedQuantizer
+from qdet.quant.qparams import compute_qparams
+from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
@@ -120,3 +121,46 @@ def calibrate(
 def finalize(model: nn.Module) -> None:
     for _, q in activation_quantizers(model):
         q.finalize()
+    for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+        fit_biases_in_int32(gm)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def fit_biases_in_int32(gm: fx.GraphModule) -> list[str]:
+    """Widen input scales so that every conv/linear bias fits int32 as round(b / (s_x·s_w)).
+
+    Integer kernels add the bias to the int32 accumulator on the s_x·s_w grid. A (near-)dead input
+    gives a tiny s_x and the bias overflows; saturating it would change the output (runtimes do
+    exactly that), so the input grid is coarsened instead: its values are ~0 anyway. Returns the
+    names of the widened quantizers.
+    """
+    widened: list[str] = []
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, (QuantConv2d, QuantLinear)) or mod.bias is None or not node.args:
+            continue
+        wq = getattr(mod, "weight_quant", None)
+        q = _grid_source(gm, node.args[0])
+        if not isinstance(wq, Quantizer) or q is None or q.spec.axis is not None or not q.calibrated:
+            continue
+        needed = float((mod.bias.detach().abs() / (wq.scale * (INT32_MAX / 2))).max())  # 2x headroom
+        if needed > float(q.scale):
+            lo = float(q.scale) * (q.spec.qmin - int(q.zero_point))
+            hi = float(q.scale) * (q.spec.qmax - int(q.zero_point))
+            grow = needed / float(q.scale)
+            q.set_qparams(*compute_qparams(torch.tensor(lo * grow), torch.tensor(hi * grow), q.spec.qmin, q.spec.qmax,
+                                           symmetric=q.spec.symmetric))
+            widened.append(q.layer_name)
+    return widened
+
+
+def _grid_source(gm: fx.GraphModule, arg: Any) -> Quantizer | None:
+    """The Quantizer whose grid the value `arg` is on (through tied quantizers), if any."""
+    if not isinstance(arg, fx.Node) or arg.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(arg.target))
+    if isinstance(mod, TiedQuantizer):
+        mod = mod.source
+    return mod if isinstance(mod, Quantizer) else None

@@ -2,7 +2,8 @@
 
 Rules (seed 002 §6.5, seed 003 residual policies):
   * weights of Conv2d/Linear are quantized (per channel by default), BN folded first;
-  * the *output* of every value-changing op is quantized: conv/linear (after a fused ReLU/ReLU6),
+  * the *output* of every value-changing op is quantized: conv/linear (after a fused ReLU/ReLU6,
+    or SiLU with `fuse_silu`; otherwise SiLU is decomposed into sigmoid · x, both quantized),
     residual add (after its ReLU), concatenation, mul, SiLU/sigmoid/pooling/...;
   * ops that keep values on their input's grid (max-pool, flatten, reshape, nearest upsample,
     slicing, ReLU of a quantized value) re-apply the input's qparams (a TiedQuantizer), so that
@@ -36,8 +37,12 @@ from qdet.quant.quantizer import (
     make_weight_quantizer,
 )
 
-_FUSABLE_ACT_MODULES = (nn.ReLU, nn.ReLU6)
-_FUSABLE_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+_FUSABLE_ACT_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_FUSABLE_ACT_FUNCTIONS: set[Any] = {F.relu, torch.relu, F.relu6}
+# With QuantConfig(fuse_silu=True) SiLU joins them: the runtime applies it inside the int8 conv
+# (OpenVINO/oneDNN post-op) and only its output is quantized.
+_SILU_MODULES: tuple[type[nn.Module], ...] = (nn.SiLU,)
+_SILU_FUNCTIONS: set[Any] = {F.silu}
 _PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReLU)
 _PASSTHROUGH_FUNCTIONS: set[Any] = {
     torch.flatten, F.max_pool2d, operator.getitem, torch.reshape, torch.transpose,
@@ -243,7 +248,7 @@ class _Inserter:
     def visit(self, node: fx.Node) -> None:
         if not _is_float_tensor(node) and not _is_tensor_tuple(node):
             return
-        if _is_fused_activation(self.gm, node) and self._producer_absorbs(node):
+        if _is_fused_activation(self.gm, node, self.cfg.fuse_silu) and self._producer_absorbs(node):
             return  # handled by the op it follows
         if self._is_passthrough(node):
             self._tie(node)
@@ -257,7 +262,7 @@ class _Inserter:
         if kind in ("conv", "linear", "add", "cat", "mul") and fmt is not Format.FLOAT:
             self.ensure_input_quantized(node)
         out_node = node
-        act = _single_fused_activation_user(self.gm, node) if kind in ("conv", "linear", "add") else None
+        act = _single_fused_activation_user(self.gm, node, self.cfg.fuse_silu) if kind in ("conv", "linear", "add") else None
         if act is not None:
             out_node = act
         if kind == "conv" and self.cfg.residual is ResidualPolicy.FUSE_CONV_ADD and act is None and _feeds_add_only(node):
@@ -379,19 +384,20 @@ def _is_tensor_tuple(node: fx.Node) -> bool:
     return isinstance(meta, (tuple, list)) and len(meta) > 0 and all(hasattr(m, "dtype") for m in meta)
 
 
-def _is_fused_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_fused_activation(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _FUSABLE_ACT_MODULES)
+        modules = _FUSABLE_ACT_MODULES + _SILU_MODULES if silu else _FUSABLE_ACT_MODULES
+        return isinstance(gm.get_submodule(str(node.target)), modules)
     if node.op == "call_function":
-        return node.target in _FUSABLE_ACT_FUNCTIONS
+        return node.target in _FUSABLE_ACT_FUNCTIONS or (silu and node.target in _SILU_FUNCTIONS)
     return node.op == "call_method" and node.target == "relu"
 
 
-def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     (user,) = node.users
-    return user if _is_fused_activation(gm, user) else None
+    return user if _is_fused_activation(gm, user, silu) else None
 
 
 def _feeds_add_only(node: fx.Node) -> bool:
@@ -419,7 +425,8 @@ def prepare_region(
     """
     gm = trace(module, leaf_types)
     folded = fold_batchnorms(gm)
-    decompose_silu(gm)
+    if not cfg.fuse_silu:
+        decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)
     layers = _Inserter(gm, prefix, cfg).run()
     return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdet.errors import RuntimeUnavailable
+from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.quant.quantizer import Quantizer
 
 OPSET = 17
@@ -197,7 +197,12 @@ def _quantize_biases(model: Any) -> None:
         if scale.size == 1:
             scale = np.full(bias.shape, scale[0], dtype=np.float32)
         scale = np.maximum(scale, np.float32(1e-30))  # s_x·s_w can underflow to 0 on dead layers
-        q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q64 = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+        if np.abs(q64).max(initial=0.0) > 2**31 - 1:
+            # calibration widens such input grids (fit_biases_in_int32); saturating would be wrong
+            raise ConfigError(f"bias of {node.name or node.output[0]} does not fit int32 at its input scale; "
+                              "re-calibrate the model with this version of qdet")
+        q = q64.astype(np.int32)
         base = f"{node.name or node.output[0]}_bias_int32"  # per node: equal biases may share one initializer
         model.graph.initializer.extend([
             numpy_helper.from_array(q, base),

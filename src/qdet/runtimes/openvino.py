@@ -38,22 +38,35 @@ def _ov() -> Any:
     return openvino
 
 
-def compile_onnx(model_bytes: bytes, *, threads: int | None, precision: str = "f32") -> Any:
-    """Compile an ONNX model (bytes) for the CPU: latency hint, `threads` inference threads."""
+def compile_onnx(model_bytes: bytes, *, threads: int | None, precision: str = "f32",
+                 shapes: list[tuple[int, ...]] | None = None) -> Any:
+    """Compile an ONNX model (bytes) for the CPU: latency hint, `threads` inference threads.
+
+    `shapes` fixes every input's shape first: OpenVINO's CPU plugin plans memory and picks kernels
+    once for static shapes; a dynamic model re-does shape inference on each call (YOLOv5n int8 at
+    640²: 50 ms dynamic vs 27 ms static, measured here).
+    """
     ov = _ov()
     core = ov.Core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    return core.compile_model(core.read_model(model_bytes), "CPU", config)
+    model = core.read_model(model_bytes)
+    if shapes is not None:
+        model.reshape({i: ov.PartialShape(list(s)) for i, s in enumerate(shapes)})
+    return core.compile_model(model, "CPU", config)
 
 
 class OpenVinoModule(nn.Module):
-    """An nn.Module facade over a compiled OpenVINO model (float tensors in, float tensors out).
+    """An nn.Module facade over OpenVINO (float tensors in, float tensors out).
 
     Takes the region's inputs (any pytree of tensors: lists, dicts) and returns its output
-    structure, like `OrtModule`.
+    structure, like `OrtModule`. The model is compiled for the static input shapes it is called
+    with, up to `max_static` shape sets (fixed-size inputs: letterboxed YOLO, KITTI frames); further
+    new shapes run on one dynamic-shape compilation instead of recompiling every time.
     """
+
+    max_static = 4
 
     def __init__(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, threads: int | None, name: str = "",
                  precision: str = "f32") -> None:
@@ -61,17 +74,44 @@ class OpenVinoModule(nn.Module):
         self.onnx_model = onnx_model
         self.out_spec = out_spec
         self.name = name
-        self.compiled = compile_onnx(onnx_model.SerializeToString(), threads=threads, precision=precision)
-        self.request = self.compiled.create_infer_request()
-        self.num_inputs = len(self.compiled.inputs)
+        self.threads = threads
+        self.precision = precision
+        self._bytes = onnx_model.SerializeToString()
+        self._requests: dict[tuple[tuple[int, ...], ...] | None, Any] = {}
+        self.num_inputs = len(onnx_model.graph.input)
+
+    def _request(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
+        key: tuple[tuple[int, ...], ...] | None = shapes
+        if key not in self._requests:
+            static = sum(k is not None for k in self._requests) < self.max_static
+            key = shapes if static else None
+            if key not in self._requests:
+                compiled = compile_onnx(self._bytes, threads=self.threads, precision=self.precision,
+                                        shapes=list(shapes) if static else None)
+                self._requests[key] = (compiled, compiled.create_infer_request())
+        return self._requests[key]
+
+    @property
+    def compiled_shapes(self) -> list[tuple[tuple[int, ...], ...] | None]:
+        """Input shapes compiled so far; None stands for the dynamic-shape compilation."""
+        return list(self._requests)
+
+    @property
+    def compiled(self) -> Any:
+        """The most recently compiled model (compiles the dynamic one if nothing ran yet)."""
+        if not self._requests:
+            compiled = compile_onnx(self._bytes, threads=self.threads, precision=self.precision)
+            self._requests[None] = (compiled, compiled.create_infer_request())
+        return list(self._requests.values())[-1][0]
 
     def forward(self, *args: Any) -> Any:
         flat, _ = pytree.tree_flatten(args)
         if len(flat) != self.num_inputs:
             raise ConfigError(f"region {self.name!r} takes {self.num_inputs} tensors, got {len(flat)}")
         feeds = {i: t.detach().cpu().numpy().astype(np.float32, copy=False) for i, t in enumerate(flat)}
-        result = self.request.infer(feeds)
-        outs = [torch.from_numpy(np.array(result[o], copy=True)) for o in self.compiled.outputs]
+        compiled, request = self._request(tuple(tuple(t.shape) for t in flat))
+        result = request.infer(feeds)
+        outs = [torch.from_numpy(np.array(result[o], copy=True)) for o in compiled.outputs]
         return pytree.tree_unflatten(outs, self.out_spec)
 
     def save(self, path: str | Path) -> Path:
@@ -103,6 +143,7 @@ class OpenVinoRuntime(Runtime):
     description = "QDQ ONNX with qdet's scales, compiled by OpenVINO for the CPU (int8 VNNI/AMX kernels)"
 
     precision: str = "f32"
+    fuses_silu = True
 
     @classmethod
     def is_available(cls) -> bool:
