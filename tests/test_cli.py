@@ -58,3 +58,23 @@ def test_quantize_eval_resnet20_on_cifar(tmp_path):
                            "--eval-images", "500", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "int8 (reference simulation)" in proc.stdout
+
+
+@pytest.mark.parametrize("runtime, silu, fused", [
+    ("openvino", "auto", True), ("onnxruntime", "auto", False), ("onnxruntime", "fused", True),
+    ("openvino", "decomposed", False), ("reference", "auto", True),
+])
+def test_silu_handling_follows_the_runtime(runtime, silu, fused):
+    from qdet.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "yolov5n", "--runtime", runtime, "--silu", silu])
+    assert config_from_args(args).fuse_silu is fused
+
+
+def test_auto_runtime_is_the_fastest_installed():
+    from qdet.runtimes.base import get_runtime, resolve_runtime
+
+    chosen = resolve_runtime("auto")
+    assert get_runtime(chosen).is_available()
+    expected = "openvino" if get_runtime("openvino").is_available() else "onnxruntime"
+    assert chosen == expected and resolve_runtime("torch") == "torch"

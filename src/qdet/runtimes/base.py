@@ -8,10 +8,12 @@ same runtime, so that speed-ups compare like with like.
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
 from torch import nn
+from torch.nn import functional as F
 
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.qmodel import QuantizedModel, _get, _set, example_inputs
@@ -49,6 +51,9 @@ class Runtime(ABC):
         """A copy of `qmodel.model` whose regions run on this runtime."""
         if not self.is_available():
             raise RuntimeUnavailable(f"runtime {self.name!r} is not installed; {self.install_hint()}")
+        if quantized and qmodel.config.fuse_silu and not self.fuses_silu and _has_silu(qmodel):
+            warnings.warn(f"runtime {self.name!r} has no int8 conv+SiLU kernel: convs followed by SiLU run in float; "
+                          "quantize with fuse_silu=False (--silu decomposed) for this runtime", stacklevel=2)
         lowered = copy.deepcopy(qmodel.model)
         for path, region in qmodel.regions.items():
             shapes = qmodel.input_shapes.get(path)
@@ -68,11 +73,22 @@ class Runtime(ABC):
         return "pip install 'qdet[onnx]'"
 
 
+def _has_silu(qmodel: QuantizedModel) -> bool:
+    for region in qmodel.regions.values():
+        for node in region.module.graph.nodes:
+            if node.op == "call_function" and node.target is F.silu:
+                return True
+            if node.op == "call_module" and isinstance(region.module.get_submodule(str(node.target)), nn.SiLU):
+                return True
+    return False
+
+
 class ReferenceRuntime(Runtime):
     """The fake-quant simulation itself (float arithmetic on int-grid values)."""
 
     name = "reference"
     description = "fake-quant simulation in PyTorch (float math on int8-grid values)"
+    fuses_silu = True  # simulates whichever form was quantized
 
     def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
         if quantized:
