@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e-2 and v != 0 else f"{v:,.2f}"
+        # fractions (mAP 0.3012, its change -0.0024) need four decimals; percentages, ms, MB two
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:,.2f}"
     return "" if v is None else str(v)
 
 
