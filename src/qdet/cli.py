@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--refine", action="store_true",
                    help="mixed precision: afterwards try each kept layer in int8 again and drop it if the budget holds")
     a.add_argument("--no-eval", action="store_true", help="skip the float vs int8 metric table")
+    a.add_argument("--frames", nargs="+", metavar="IMAGE",
+                   help="detectors: image files or a folder (e.g. KITTI image_2); one PNG per image with float vs "
+                        "int8 boxes and a layer's maps beneath, plus frames.gif (and frames.mp4 with imageio-ffmpeg)")
+    a.add_argument("--frame-layer", help="layer whose maps the frames show (default: the most sensitive one "
+                                         "when --sensitivity ran, else a layer half-way through the model)")
 
     b = sub.add_parser("bench", help="size and latency, float vs int8, in one run", description="Size on disk and median latency of float and int8 on the same inputs and thread count.")
     _add_common(b)
@@ -217,13 +222,43 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.sensitivity != "off":
         extra = _sensitivity_and_mixed_precision(args, adapter, model, qm, batches, transform, tables)
     out = Path(args.out or f"runs/{args.model}/analysis")
-    rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables,
+    images = _frames(args, adapter, qm, out, extra) if args.frames else []
+    rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
                   title=f"qdet analysis: {args.model}", progress=opts.progress)
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
                                               indent=2, default=str))
+
+
+def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: dict[str, Any]) -> list[Path]:
+    """`--frames`: float vs int8 boxes + maps per image, a GIF (and MP4 when imageio-ffmpeg is installed)."""
+    from qdet.analysis.frames import detection_frames, plot_detection_frame, write_gif, write_mp4
+    from qdet.analysis.points import quant_points
+
+    if not hasattr(adapter, "frame_input"):
+        raise ConfigError(f"--frames: model {args.model!r} is not a detector with frame support")
+    paths: list[Path] = []
+    for item in map(Path, args.frames):
+        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"}) if item.is_dir() else [item]
+    layer = args.frame_layer
+    if layer is None:
+        ranked = extra.get("sensitivity", {}).get("rows", [])
+        names = [p.name for p in quant_points(qm) if p.activation is not None and p.kind != "input"]
+        layer = ranked[0]["name"] if ranked else names[len(names) // 2]
+    frames = detection_frames(qm, [adapter.frame_input(p) for p in paths], layer, adapter.boxes)
+    names = getattr(qm.model, "names", None)
+    pngs = [plot_detection_frame(f, out / "frames" / f"{p.stem}.png", names=names, title=p.name)
+            for f, p in zip(frames, paths)]
+    written = [write_gif(pngs, out / "frames.gif")]
+    try:
+        written.append(write_mp4(pngs, out / "frames.mp4"))
+    except ConfigError as exc:
+        print(f"frames: {exc}")
+    for path in written:
+        print(f"frames: {path.resolve()}")
+    return [pngs[0], written[0]]
 
 
 def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, model: Any, qm: Any, batches: list[Any],
