@@ -48,14 +48,22 @@ def main() -> None:
     base = QuantConfig(activations=default_activation_spec(Observer(args.observer)), fuse_silu=detector)
     metric = task_metric(adapter, eval_images=args.eval_images, progress=False)
 
+    current: list[tuple[int, int]] = []
+
     def quantize_fn(n: int, seed: int, cfg: QuantConfig):
+        current[:] = [(n, seed)]
         opts = JobOptions(calib_images=n, calib_batch=min(args.calib_batch, n), seed=seed)
         return api.quantize(model, calibration_loader(adapter, opts), cfg, adapter=adapter, progress=False)
+
+    def logged_metric(qmodel) -> float:  # one line per run, so a stopped study still leaves its numbers
+        value = metric(qmodel)
+        print(f"run: calib_images={current[0][0]} seed={current[0][1]} {metric.name}={value:.4f}", flush=True)
+        return value
 
     t0 = time.perf_counter()
     float_metric = metric(model)
     print(f"{args.model}: float {metric.name} = {float_metric:.4f}", flush=True)
-    curve = calibration_curve(quantize_fn, metric, n_images=sizes, seeds=range(args.seeds), cfg=base,
+    curve = calibration_curve(quantize_fn, logged_metric, n_images=sizes, seeds=range(args.seeds), cfg=base,
                               float_metric=float_metric, metric_name=metric.name)
     print(f"\n{metric.name} vs calibration images, {args.seeds} seeded runs per size "
           f"(observer {args.observer}, fake-quant reference; {time.perf_counter() - t0:.0f} s)")
@@ -67,7 +75,7 @@ def main() -> None:
     payload = {"model": args.model, "metric": metric.name, "float": float_metric, "observer": args.observer,
                "curve": curve.rows(), "values": {p.n_images: list(p.values) for p in curve.points}}
     if args.sweep:
-        sweep = observer_sweep(quantize_fn, metric, observers=tuple(Observer), granularities=(PerTensor(), PerChannel(0)),
+        sweep = observer_sweep(quantize_fn, logged_metric, observers=tuple(Observer), granularities=(PerTensor(), PerChannel(0)),
                                n_images=max(sizes), seeds=range(min(args.seeds, 3)), base_cfg=base,
                                float_metric=float_metric, metric_name=metric.name)
         print(f"\nactivation observer × weight granularity at {max(sizes)} calibration images")
