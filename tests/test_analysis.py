@@ -29,6 +29,7 @@ from qdet.analysis import (
     to_config,
 )
 from qdet.analysis.capture import channel_max_map
+from qdet.analysis.sensitivity import SearchStep
 from qdet.analysis.plots import (
     pick_layers,
     plot_activation_maps,
@@ -351,3 +352,105 @@ def test_calibration_curve_and_observer_sweep(tmp_path):
         (Observer.PERCENTILE, "per-tensor"), (Observer.PERCENTILE, "per-channel")]
     assert sweep.best() in sweep.rows and "observer" in sweep.table()
     assert_sane_png(sweep.plot(tmp_path / "sweep.png"))
+
+
+def test_two_stage_sensitivity_measures_metric_for_top_sqnr_layers_only(bad_setup):
+    _, _, qm, metric = bad_setup
+    calls = []
+
+    def counted(m: nn.Module) -> float:
+        calls.append(1)
+        return metric(m)
+
+    res = layer_sensitivity(qm, counted, _batches(1, seed=9), mode="skip", metric_top=2, progress=False)
+    assert len(calls) == 2 + 2  # float + int8 references, then the two SQNR-ranked candidates
+    assert res.ranking()[0] == "conv2"
+    assert [r.metric is not None for r in res.rows[:2]] == [True, True]
+    assert all(r.metric is None and r.output_sqnr_db is not None for r in res.rows[2:])
+    assert sorted(res.ranking()) == sorted(p.name for p in quant_points(qm))
+
+
+def test_layer_costs_count_macs_and_weight_bytes():
+    from qdet.analysis.costs import kept_float_rows, layer_costs
+
+    model = _toy()
+    costs = layer_costs(model, torch.zeros(1, 3, 16, 16))
+    assert costs["conv2"].macs == 16 * 16 * 8 * (8 * 3 * 3)  # output elements × (Cin·k·k)
+    assert costs["fc"].macs == 4 * 8
+    assert costs["conv2"].params == 8 * 8 * 3 * 3
+    assert costs["conv2"].extra_mb == pytest.approx(3 * 576 / 1e6)  # float32 instead of int8
+    assert sum(c.mac_share for c in costs.values()) == pytest.approx(1.0)
+
+    class Res:  # the fields of a MixedPrecisionResult that kept_float_rows reads
+        kept_float = ("conv2",)
+        int8_metric = 1.0
+        steps = (SearchStep(0, "", 1.0), SearchStep(1, "conv2", 3.0), SearchStep(2, "conv1", 3.5),
+                 SearchStep(1, "-conv1", 3.0))
+
+    rows = kept_float_rows(Res(), costs)
+    assert [(r["layer"], r["gain"]) for r in rows] == [("conv2", 2.0)]
+    assert rows[0]["mac_share_pct"] == pytest.approx(100 * costs["conv2"].mac_share)
+
+
+def test_classification_metric_is_top1_in_percent():
+    from qdet.analysis.task_metric import classification_metric
+
+    x = torch.eye(4).reshape(4, 4, 1, 1).repeat(2, 1, 1, 1)  # 8 one-hot "images"
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])  # the last label is wrong for an identity classifier
+    metric = classification_metric([(x[:5], y[:5]), (x[5:], y[5:])])
+    assert metric(nn.Flatten()) == pytest.approx(100 * 7 / 8)
+
+
+# ---------------------------------------------------------------- detection frames, GIF, MP4
+def _frame_setup():
+    from qdet.analysis.frames import detection_frames
+
+    model = _toy()
+    qm = quantize(model, _batches(4, size=32, seed=5), QuantConfig(), progress=False)
+    images = [torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def boxes(out: torch.Tensor) -> list[torch.Tensor]:  # one box whose score is the first logit
+        return [torch.tensor([[4.0, 4.0, 30.0, 20.0, float(o[0].sigmoid()), 1.0]]) for o in out]
+
+    return qm, images, detection_frames(qm, images, "conv2", boxes)
+
+
+def test_detection_frames_pair_float_and_int8_maps():
+    qm, images, frames = _frame_setup()
+    assert len(frames) == 3
+    for img, f in zip(images, frames):
+        assert f.float_map.shape == f.int8_map.shape == (32, 48)  # channel max of conv2's (8, 32, 48) output
+        assert torch.equal(f.image, img)
+        assert 10 < f.sqnr_db < 80  # int8 is close to, but not equal to, float
+        assert not torch.equal(f.float_map, f.int8_map)
+        assert f.float_boxes.shape == f.int8_boxes.shape == (1, 6)
+    from qdet.analysis.frames import detection_frames
+
+    with pytest.raises(ConfigError, match="conv9"):
+        detection_frames(qm, images, "conv9", lambda out: [])
+
+
+def test_frame_png_gif_and_mp4_have_the_frames(tmp_path):
+    from qdet.analysis.frames import plot_detection_frame, write_gif, write_mp4
+
+    _, _, frames = _frame_setup()
+    pngs = [plot_detection_frame(f, tmp_path / f"f{i}.png", names=["a", "b"], title=f"frame {i}")
+            for i, f in enumerate(frames)]
+    for p in pngs:
+        assert_sane_png(p, min_w=800, min_h=300)
+    first = np.asarray(Image.open(pngs[0]).convert("RGB"), dtype=np.int16)
+    with Image.open(write_gif(pngs, tmp_path / "frames.gif", fps=4)) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 3 and gif.size == Image.open(pngs[0]).size
+        gif.seek(0)
+        g0 = np.asarray(gif.convert("RGB"), dtype=np.int16)
+        gif.seek(2)
+        g2 = np.asarray(gif.convert("RGB"), dtype=np.int16)
+    assert np.abs(g0 - first).mean() < 12  # palette quantization only
+    assert np.abs(g0 - g2).mean() > 0.5  # the frames differ (different images and maps)
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    mp4 = write_mp4(pngs, tmp_path / "frames.mp4", fps=4)
+    reader = imageio_ffmpeg.read_frames(str(mp4))
+    meta = next(reader)
+    w, h = Image.open(pngs[0]).size
+    assert tuple(meta["size"]) == (w - w % 2, h - h % 2)
+    assert sum(1 for _ in reader) == 3

@@ -28,7 +28,7 @@ from qdet.config import (
     default_weight_spec,
     parse_enum,
 )
-from qdet.errors import QdetError
+from qdet.errors import ConfigError, QdetError
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -88,8 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=16, help="images per analysed batch (default: 16)")
     a.add_argument("--out", help="report folder (default: runs/<model>/analysis)")
     a.add_argument("--sensitivity", choices=["off", "only", "skip"], default="off",
-                   help="one-at-a-time ranking by output SQNR: quantize only layer i, or keep only layer i float")
+                   help="one-at-a-time ranking: quantize only layer i, or keep only layer i float (default: off)")
+    a.add_argument("--metric", choices=["task", "sqnr"], default="task",
+                   help="what ranks layers: the task metric (top-1 / COCO mAP, in points) or output SQNR only "
+                        "(default: task)")
+    a.add_argument("--metric-top", type=int, default=12, metavar="K",
+                   help="measure the task metric for the K layers output SQNR ranks most sensitive; 0 = every "
+                        "layer (default: 12)")
+    a.add_argument("--max-drop", type=float, metavar="PTS",
+                   help="mixed precision: keep the fewest layers float (in sensitivity order) until the task metric "
+                        "is within PTS points of float (e.g. 0.3); implies --sensitivity skip when off")
+    a.add_argument("--max-float-layers", type=int, help="mixed precision: keep at most this many layers float")
+    a.add_argument("--refine", action="store_true",
+                   help="mixed precision: afterwards try each kept layer in int8 again and drop it if the budget holds")
     a.add_argument("--no-eval", action="store_true", help="skip the float vs int8 metric table")
+    a.add_argument("--frames", nargs="+", metavar="IMAGE",
+                   help="detectors: image files or a folder (e.g. KITTI image_2); one PNG per image with float vs "
+                        "int8 boxes and a layer's maps beneath, plus frames.gif (and frames.mp4 with imageio-ffmpeg)")
+    a.add_argument("--frame-layer", help="layer whose maps the frames show (default: the most sensitive one "
+                                         "when --sensitivity ran, else a layer half-way through the model)")
 
     b = sub.add_parser("bench", help="size and latency, float vs int8, in one run", description="Size on disk and median latency of float and int8 on the same inputs and thread count.")
     _add_common(b)
@@ -180,9 +197,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from qdet import api
     from qdet.analysis.report import analyze
-    from qdet.analysis.sensitivity import layer_sensitivity
     from qdet.jobs import calibration_loader, compare_job
 
     adapter = api.get_adapter(args.model)
@@ -195,22 +213,102 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         result, _ = compare_job(adapter, model, qm.config, opts, qmodel=qm)
         _emit(result, argparse.Namespace(json=None))
         metric_rows = result.rows
-    from dataclasses import replace
-
     batches = list(itertools.islice(calibration_loader(adapter, replace(opts, calib_batch=args.batch_size, seed=opts.seed + 7)), args.batches))
     transform = adapter.transform_fn(model)
-    tables = {}
+    tables: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if args.max_drop is not None and args.sensitivity == "off":
+        args.sensitivity = "skip"
     if args.sensitivity != "off":
-        sens = layer_sensitivity(qm, None, batches, transform_fn=transform, mode=args.sensitivity, progress=opts.progress)
-        print(sens.table(15))
-        tables[f"Sensitivity ({args.sensitivity}), output SQNR"] = sens.as_rows()
+        extra = _sensitivity_and_mixed_precision(args, adapter, model, qm, batches, transform, tables)
     out = Path(args.out or f"runs/{args.model}/analysis")
-    rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables,
+    images = _frames(args, adapter, qm, out, extra) if args.frames else []
+    rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
                   title=f"qdet analysis: {args.model}", progress=opts.progress)
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"layers": list(rep.rows), "metrics": metric_rows}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
+                                              indent=2, default=str))
+
+
+def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: dict[str, Any]) -> list[Path]:
+    """`--frames`: float vs int8 boxes + maps per image, a GIF (and MP4 when imageio-ffmpeg is installed)."""
+    from qdet.analysis.frames import detection_frames, plot_detection_frame, write_gif, write_mp4
+    from qdet.analysis.points import quant_points
+
+    if not hasattr(adapter, "frame_input"):
+        raise ConfigError(f"--frames: model {args.model!r} is not a detector with frame support")
+    paths: list[Path] = []
+    for item in map(Path, args.frames):
+        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"}) if item.is_dir() else [item]
+    layer = args.frame_layer
+    if layer is None:
+        ranked = extra.get("sensitivity", {}).get("rows", [])
+        names = [p.name for p in quant_points(qm) if p.activation is not None and p.kind != "input"]
+        layer = ranked[0]["name"] if ranked else names[len(names) // 2]
+    frames = detection_frames(qm, [adapter.frame_input(p) for p in paths], layer, adapter.boxes)
+    names = getattr(qm.model, "names", None)
+    pngs = [plot_detection_frame(f, out / "frames" / f"{p.stem}.png", names=names, title=p.name)
+            for f, p in zip(frames, paths)]
+    written = [write_gif(pngs, out / "frames.gif")]
+    try:
+        written.append(write_mp4(pngs, out / "frames.mp4"))
+    except ConfigError as exc:
+        print(f"frames: {exc}")
+    for path in written:
+        print(f"frames: {path.resolve()}")
+    return [pngs[0], written[0]]
+
+
+def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, model: Any, qm: Any, batches: list[Any],
+                                     transform: Any, tables: dict[str, Any]) -> dict[str, Any]:
+    """`--sensitivity` / `--max-drop`: rank layers (task metric over the top SQNR candidates), then the
+    mixed-precision search; adds report tables and prints them. Runs in the fake-quant reference."""
+    from qdet.analysis.costs import kept_float_rows, layer_costs
+    from qdet.analysis.sensitivity import layer_sensitivity, mixed_precision_search, to_config
+    from qdet.analysis.task_metric import task_metric
+
+    metric = None
+    if args.metric == "task":
+        metric = task_metric(adapter, data=args.data, eval_images=args.eval_images, seed=args.seed + 1,
+                             progress=not args.no_progress)
+    elif args.max_drop is not None:
+        raise ConfigError("--max-drop needs the task metric (--metric task), not --metric sqnr")
+    name = metric.name if metric is not None else "output SQNR (dB)"
+    sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
+                             metric_top=args.metric_top or None, progress=not args.no_progress)
+    print(f"sensitivity ({args.sensitivity}), ranked by {name}; float {sens.float_metric}, int8 {sens.int8_metric}")
+    print(sens.table(max(15, args.metric_top or 0)))
+    tables[f"Sensitivity ({args.sensitivity}): metric = {name} (fake-quant reference)"] = sens.as_rows()
+    extra: dict[str, Any] = {"sensitivity": {"mode": args.sensitivity, "metric": name, "float": sens.float_metric,
+                                             "int8": sens.int8_metric, "rows": sens.as_rows()}}
+    if args.max_drop is None or metric is None or sens.float_metric is None:
+        return extra
+    ranked = [r.name for r in sens.rows if r.metric is not None] or sens.ranking()
+    mp = mixed_precision_search(qm, metric, sens.float_metric, args.max_drop, ranked,
+                                max_float_layers=args.max_float_layers, refine=args.refine,
+                                progress=not args.no_progress)
+    x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
+    kept = kept_float_rows(mp, layer_costs(model, x[:1]))
+    gap = mp.float_metric - mp.int8_metric
+    closed = (mp.metric - mp.int8_metric) / gap if gap > 0 else float("nan")
+    summary = [{"model": "float", name: mp.float_metric, "float_layers": "all"},
+               {"model": "int8", name: mp.int8_metric, "float_layers": 0},
+               {"model": "mixed", name: mp.metric, "float_layers": len(mp.kept_float),
+                "gap_closed_pct": 100 * closed, "budget_met": mp.met}]
+    from qdet.report.table import format_table
+
+    print(f"mixed precision (max drop {args.max_drop} pts, target {mp.target:.4f}): "
+          f"{'met' if mp.met else 'NOT met'} with {len(mp.kept_float)} layer(s) float")
+    print(format_table(summary))
+    print(format_table(kept))
+    skip = to_config(mp, qm.config).skip
+    print("run it on a runtime: qdet quantize " + args.model + " --skip " + " ".join(skip))
+    tables[f"Mixed precision (max drop {args.max_drop} pts), fake-quant reference"] = summary
+    tables["Layers kept float: gain and cost (extra weight MB, share of MACs)"] = kept
+    extra["mixed_precision"] = {"summary": summary, "kept": kept, "skip": list(skip), "max_drop": args.max_drop}
+    return extra
 
 
 COMMANDS = {"list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}

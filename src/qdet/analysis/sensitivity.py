@@ -138,6 +138,7 @@ def layer_sensitivity(
     transform_fn: Callable[[Any], Any] = default_transform,
     mode: SensitivityMode | str = SensitivityMode.ONLY,
     layers: Sequence[str] | None = None,
+    metric_top: int | None = None,
     progress: bool = True,
 ) -> SensitivityResult:
     """Measure `metric_fn(qmodel)` (higher is better) and/or the output SQNR on `batches` with one
@@ -145,7 +146,9 @@ def layer_sensitivity(
 
     Ranking uses the metric when given (ties and metric-less runs fall back to output SQNR):
     ONLY ranks by lowest metric, SKIP by highest (what keeping the layer float wins back).
-    All quantizer flags are restored afterwards.
+    With `metric_top=K` (and both `metric_fn` and `batches`), every layer is first ranked by output
+    SQNR (cheap) and the metric is measured only for the K layers that SQNR ranks most sensitive;
+    the others follow, ranked by SQNR, with `metric=None`. All quantizer flags are restored afterwards.
     """
     mode = parse_enum(SensitivityMode, mode, "sensitivity mode")
     if metric_fn is None and batches is None:
@@ -158,20 +161,33 @@ def layer_sensitivity(
         int8_metric = metric_fn(qmodel) if metric_fn else None
         int8_sqnr = sqnr() if sqnr else None
     reference = float_metric if mode is SensitivityMode.ONLY else int8_metric
-    measured: list[tuple[QuantPoint, float | None, float | None]] = []
-    for p in tqdm(points, desc=f"sensitivity ({mode.value})", disable=not progress, leave=False):
-        with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
-            m = metric_fn(qmodel) if metric_fn else None
-            s = sqnr() if sqnr else None
-        measured.append((p, m, s))
-
     sign = 1.0 if mode is SensitivityMode.ONLY else -1.0  # ONLY: low first; SKIP: high first
+    two_stage = metric_fn is not None and sqnr is not None and metric_top is not None and metric_top < len(points)
+    measured: list[tuple[QuantPoint, float | None, float | None]] = []
+    if two_stage:
+        assert sqnr is not None
+        pre: list[tuple[QuantPoint, float | None]] = []
+        for p in tqdm(points, desc=f"sensitivity ({mode.value}), output SQNR", disable=not progress, leave=False):
+            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
+                pre.append((p, sqnr()))
+        pre.sort(key=lambda item: sign * item[1] if item[1] is not None else 0.0)
+        top, rest = pre[: max(metric_top or 0, 0)], pre[max(metric_top or 0, 0):]
+        for p, s in tqdm(top, desc=f"sensitivity ({mode.value}), metric", disable=not progress, leave=False):
+            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
+                measured.append((p, metric_fn(qmodel) if metric_fn else None, s))
+    else:
+        rest = []
+        for p in tqdm(points, desc=f"sensitivity ({mode.value})", disable=not progress, leave=False):
+            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
+                m = metric_fn(qmodel) if metric_fn else None
+                s = sqnr() if sqnr else None
+            measured.append((p, m, s))
 
     def key(item: tuple[QuantPoint, float | None, float | None]) -> tuple[float, float]:
         _, m, s = item
         return (sign * m if m is not None else 0.0, sign * s if s is not None else 0.0)
 
-    ranked = sorted(measured, key=key)
+    ranked = sorted(measured, key=key) + [(p, None, s) for p, s in rest]
     rows = tuple(
         SensitivityRow(i + 1, p.name, p.kind, m, None if m is None or reference is None else m - reference, s)
         for i, (p, m, s) in enumerate(ranked)

@@ -121,6 +121,24 @@ class YoloAdapter:
         dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
         return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
 
+    # ---- frames (qdet.analysis.frames) ----
+    def frame_input(self, path: str | Path) -> torch.Tensor:
+        """One image file as the detector sees it, letterboxed to the reference's minimal rectangle
+        (e.g. a 1242×375 KITTI frame → 224×640): (3, H, W) float in [0, 1]."""
+        from qdet.data.coco import load_image
+        from qdet.models.yolo.postprocess import rect_shape
+
+        image = load_image(path)
+        lb, _ = preprocess(image, self.img_size, rect_shape(image.shape[:2], self.img_size))
+        return torch.from_numpy(lb.transpose(2, 0, 1).copy()).float() / 255.0
+
+    def boxes(self, output: Any, *, conf: float = 0.25, iou: float = 0.45) -> list[torch.Tensor]:
+        """Decoded (B, N, 5+nc) output → per image (n, 6) x1 y1 x2 y2 score class (display thresholds)."""
+        from qdet.models.yolo.detect import predictions
+        from qdet.models.yolo.postprocess import non_max_suppression
+
+        return non_max_suppression(predictions(output, None), conf, iou, multi_label=False, max_det=100)
+
 
 YOLO_ADAPTERS: Sequence[YoloAdapter] = tuple(
     YoloAdapter(n) for n in ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5n-relu", "yolov5s-relu")

@@ -1,0 +1,134 @@
+"""The task metric (top-1, COCO mAP) as a cheap, repeatable `metric_fn(model) -> float` for sweeps.
+
+Sensitivity sweeps, mixed-precision searches and calibration studies evaluate the same data tens of
+times. `task_metric` decodes and preprocesses the evaluation set ONCE (CIFAR/ImageNet tensors,
+YOLO letterboxed images with their letterbox geometry) and each call then only runs the model,
+post-processing and the evaluator — the same functions `qdet eval` uses, so a value from here equals
+`qdet eval` on the same model and runtime. Values are in points (top-1 in %, mAP × 100) so an
+accuracy budget (`max_drop=0.3`) reads the same for classifiers and detectors.
+
+    >>> import torch, qdet
+    >>> from torch import nn
+    >>> data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))]
+    >>> metric = classification_metric(data)
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2)).eval()
+    >>> 0.0 <= metric(net) <= 100.0, metric.name
+    (True, 'top-1 (%)')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from qdet.errors import ConfigError
+from qdet.models.base import Task
+
+__all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "task_metric"]
+
+
+class TaskMetric:
+    """A callable `metric(model) -> float` (higher is better, in points) with a display `name`."""
+
+    name: str = "metric"
+
+    def __call__(self, model: Callable[..., Any]) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class classification_metric(TaskMetric):
+    """Top-1 (%) over (images, labels) batches held in memory (batches are kept as given)."""
+
+    name = "top-1 (%)"
+
+    def __init__(self, batches: Iterable[tuple[Tensor, Tensor]], *, progress: bool = False) -> None:
+        self.batches = [(x, torch.as_tensor(y).reshape(-1)) for x, y in tqdm(batches, desc="caching eval set",
+                                                                             disable=not progress, leave=False)]
+        self.n = sum(len(y) for _, y in self.batches)
+        if self.n == 0:
+            raise ConfigError("classification metric: the evaluation set is empty")
+
+    def __call__(self, model: Callable[..., Any]) -> float:
+        correct = 0
+        with torch.inference_mode():
+            for x, y in self.batches:
+                out = model(x)
+                logits = out[0] if isinstance(out, (tuple, list)) else out
+                correct += int((torch.as_tensor(logits).argmax(1) == y).sum())
+        return 100.0 * correct / self.n
+
+
+@dataclass(frozen=True)
+class _Letterboxed:
+    image: np.ndarray  # (S, S, 3) uint8, the network input before /255
+    info: Any  # LetterboxInfo, to map boxes back to the original image
+    image_id: int
+
+
+class yolo_coco_metric(TaskMetric):
+    """COCO mAP50-95 (× 100) of a YOLO detector (decoded (B, N, 5+nc) output) over a COCO dataset,
+    with the reference evaluation settings of `run_yolo_on_coco` (square letterbox, conf 0.001, NMS 0.6)."""
+
+    name = "mAP50-95 (pts)"
+
+    def __init__(self, dataset: Any, *, img_size: int = 640, batch_size: int = 8, key: str = "map",
+                 progress: bool = False) -> None:
+        from qdet.models.yolo.postprocess import preprocess
+
+        self.dataset, self.batch_size, self.key = dataset, batch_size, key
+        self.items: list[_Letterboxed] = []
+        for i in tqdm(range(len(dataset)), desc="letterboxing eval set", disable=not progress, leave=False):
+            image, meta = dataset[i]
+            lb, info = preprocess(image, img_size)
+            self.items.append(_Letterboxed(lb, info, int(meta["image_id"])))
+        if not self.items:
+            raise ConfigError("COCO metric: the evaluation set is empty")
+        self.last_result: Any = None  # the full CocoResult of the last call
+
+    def detections(self, model: Callable[..., Any]) -> list[dict[str, Any]]:
+        """COCO-json detections of `model` over the cached images."""
+        from qdet.models.yolo.detect import _detections, predictions, to_input
+        from qdet.models.yolo.postprocess import non_max_suppression
+        from qdet.data.coco import COCO80_TO_91
+
+        out: list[dict[str, Any]] = []
+        with torch.inference_mode():
+            for k in range(0, len(self.items), self.batch_size):
+                chunk = self.items[k : k + self.batch_size]
+                pred = predictions(model(to_input([c.image for c in chunk])), None)  # (B, N, 5+nc)
+                for det, c in zip(non_max_suppression(pred, 0.001, 0.6, multi_label=True, max_det=300), chunk):
+                    out += _detections(det, c.info, c.image_id, COCO80_TO_91)
+        return out
+
+    def __call__(self, model: Callable[..., Any]) -> float:
+        from qdet.eval.coco import evaluate_coco
+
+        self.last_result = evaluate_coco(self.detections(model), self.dataset.annotations_json,
+                                         image_ids=self.dataset.image_ids)
+        return 100.0 * float(getattr(self.last_result, self.key))
+
+
+def task_metric(adapter: Any, *, data: str | None = None, eval_images: int | None = None, seed: int = 1,
+                batch_size: int = 8, progress: bool = True) -> TaskMetric:
+    """The adapter's task metric over its evaluation set (a seeded subset of `eval_images` for classifiers).
+
+    Classifiers: top-1 (%); YOLO detectors: COCO mAP50-95 (pts). Other detectors raise a ConfigError.
+    """
+    if adapter.task is Task.CLASSIFICATION:
+        from qdet.data.folders import make_loader, seeded_subset
+
+        dataset = adapter.eval_dataset(data)
+        if eval_images is not None and eval_images < len(dataset):
+            dataset = seeded_subset(dataset, eval_images, seed=seed)
+        return classification_metric(make_loader(dataset, 256), progress=progress)
+    if getattr(adapter, "name", "").startswith("yolov5"):
+        if eval_images is not None:
+            raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
+        return yolo_coco_metric(adapter.eval_dataset(data), img_size=adapter.img_size, batch_size=batch_size,
+                                progress=progress)
+    raise ConfigError(f"model {adapter.name!r}: no cached task metric; use output SQNR (--metric sqnr)")
+
