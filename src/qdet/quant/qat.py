@@ -53,7 +53,7 @@ class QATConvBn2d(QuantConv2d):
         m.bn = copy.deepcopy(bn)
         m.weight_quant = nn.Identity()  # the quantizer pass replaces it
         m.bn_frozen = False
-        return m
+        return m.train(bn.training)  # a fresh module is in train mode: shape propagation would update BN
 
     def _factor(self) -> torch.Tensor:
         assert self.bn.running_var is not None
