@@ -23,29 +23,13 @@ from qdet import api
 from qdet.config import QATConfig, QuantConfig, default_weight_spec, LayerOverride
 from qdet.data.folders import make_loader, seeded_split
 from qdet.report.table import format_table
-from qdet.train import classification_loss, train_qat
-
-
-def stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a dataset once into (N, 3, 32, 32) images and (N,) labels."""
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs), torch.tensor(ys)
+from qdet.train import ShuffledBatches, classification_loss, stack_dataset, train_qat
 
 
 def top1(fn, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     with torch.no_grad():
         hits = sum(int((fn(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
     return 100.0 * hits / len(x)
-
-
-def augment(batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random 4-pixel-padded crop and horizontal flip (the CIFAR ResNets' training augmentation)."""
-    x, y = batch
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    i, j = torch.randint(0, 9, (2,), generator=gen).tolist()
-    x = padded[:, :, i:i + 32, j:j + 32]
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x), y
 
 
 def main() -> None:
@@ -70,8 +54,8 @@ def main() -> None:
     adapter = api.get_adapter(args.model)
     model = adapter.build()
     train_set, eval_set = seeded_split(adapter.eval_dataset(), args.train_images, seed=args.seed)
-    x_tr, y_tr = stack(train_set)
-    x_ev, y_ev = stack(eval_set)
+    x_tr, y_tr = stack_dataset(train_set)
+    x_ev, y_ev = stack_dataset(eval_set)
     if args.eval_images:
         x_ev, y_ev = x_ev[: args.eval_images], y_ev[: args.eval_images]
     calib = [(x_tr[i:i + 64], y_tr[i:i + 64]) for i in range(0, args.calib_images, 64)]
@@ -92,20 +76,9 @@ def main() -> None:
         qat_cfg = QATConfig(freeze_bn_after=args.freeze_bn, freeze_observers_after=args.freeze_observers,
                             calibration_batches=len(calib))
         qm = qdet.prepare_qat(model, calib, cfg, qat=qat_cfg, adapter=adapter, progress=False)
-        gen = torch.Generator().manual_seed(args.seed)
-        perm = torch.randperm(len(x_tr), generator=gen)
-
-        class Epochs:
-            """Shuffled batches of the fine-tune half, a fresh order per epoch."""
-
-            def __iter__(self):
-                order = perm[torch.randperm(len(perm), generator=gen)]
-                for i in range(0, len(order) - args.batch + 1, args.batch):
-                    idx = order[i:i + args.batch]
-                    yield augment((x_tr[idx], y_tr[idx]), gen)
-
+        batches = ShuffledBatches(x_tr, y_tr, batch_size=args.batch, seed=args.seed, augment=True)
         t0 = time.perf_counter()
-        log = train_qat(qm, Epochs(), classification_loss, steps=args.steps, lr=args.lr)
+        log = train_qat(qm, batches, classification_loss, steps=args.steps, lr=args.lr)
         converted = qdet.convert(qm)
         q_top1 = top1(converted, x_ev, y_ev)
         drop = f_top1 - p_top1

@@ -86,6 +86,49 @@ def train_qat(
     return log
 
 
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR training augmentation on a batch (B, C, H, W): one random `pad`-pixel shifted crop
+    for the batch and a per-image horizontal flip."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    x = padded[..., i:i + h, j:j + w]
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class ShuffledBatches:
+    """Seeded, reshuffled-every-epoch batches of in-memory (images, labels), optionally augmented.
+
+    >>> data = ShuffledBatches(torch.zeros(10, 3, 4, 4), torch.arange(10), batch_size=4, seed=0)
+    >>> [len(y) for _, y in data]
+    [4, 4]
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int = 0,
+                 augment: bool = False) -> None:
+        if len(images) < batch_size:
+            raise DataError(f"{len(images)} training images are fewer than one batch of {batch_size}")
+        self.images, self.labels, self.batch_size, self.augment = images, labels, batch_size, augment
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Any:
+        order = torch.randperm(len(self.images), generator=self.gen)
+        for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = self.images[idx]
+            yield (random_crop_flip(x, self.gen) if self.augment else x), self.labels[idx]
+
+
+def stack_dataset(dataset: Any, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode an (image, label) dataset once into (N, C, H, W) images and (N,) labels."""
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc="loading", disable=not progress, leave=False)]
+    if not items:
+        raise DataError("the dataset is empty")
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.tensor(ys)
+
+
 def _cycle(data: Iterable[Any]) -> Any:
     """Endless iteration over a re-iterable loader (a new epoch each pass, so shuffling applies)."""
     while True:
