@@ -3,6 +3,7 @@ model structure, and converted models on every runtime. Tiny models, a few secon
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -220,3 +221,47 @@ def test_qat_cli_on_cifar_resnet20_int8_runs_on_an_int8_runtime(tmp_path):
     assert abs(rows["QAT 4 steps (onnxruntime)"]["top1"] - rows["PTQ (onnxruntime)"]["top1"]) < 1.5
     loaded = qdet.load(out, qdet.get_adapter("resnet20").build())
     assert loaded.metrics["steps"] == 4
+
+
+def test_yolo_loss_ciou_assignment_and_gradients():
+    from qdet.models.yolo.loss import YoloV5Loss, bbox_ciou
+
+    box = torch.tensor([[10.0, 10.0, 4.0, 2.0]])
+    assert float(bbox_ciou(box, box)) == pytest.approx(1.0, abs=1e-6)
+    shifted = torch.tensor([[11.0, 10.0, 4.0, 2.0]])
+    iou = (3 * 2) / (4 * 2 * 2 - 3 * 2)
+    # CIoU = IoU − ρ²/c² (same aspect ratio: no v term); enclosing box 5 × 2
+    assert float(bbox_ciou(shifted, box)) == pytest.approx(iou - 1.0 / (25 + 4), abs=1e-5)
+    anchors = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]])  # one level, stride 8
+    loss = YoloV5Loss(anchors, (8.0,), nc=3, img_size=64)
+    # centre (2.25, 3.75) in cells: closer to the left and bottom borders → own cell + left + below;
+    # size 1.5 cells matches all three anchors (largest ratio 4 / 1.5 = 2.67 < anchor_t 4)
+    targets = torch.tensor([[0, 1, 18.0, 30.0, 12.0, 12.0]])
+    img, a, gj, gi, tbox, cls = loss._assign(targets, 0, 8, 8)
+    assert len(img) == 9 and set(zip(gj.tolist(), gi.tolist())) == {(3, 2), (3, 1), (4, 2)}
+    assert (cls == 1).all() and torch.allclose(tbox[:, 2:], torch.tensor([1.5, 1.5]).expand(9, 2))
+    raw = [torch.zeros(2, 3 * 8, 8, 8, requires_grad=True)]
+    total, parts = loss(raw, targets)
+    total.backward()
+    assert total > 0 and (parts > 0).all() and float(raw[0].grad.abs().sum()) > 0
+
+
+def test_yolo_qat_trains_the_quantized_body_with_the_detection_loss():
+    """A random YOLOv5n through prepare_qat on 64-pixel inputs: the body's raw maps feed the loss."""
+    from qdet.models.yolo.loss import YoloV5Loss
+    from qdet.models.yolo.train_data import yolo_loss_fn
+
+    adapter = qdet.get_adapter("yolov5n")
+    torch.manual_seed(0)
+    model = adapter.build("random")
+    images = [torch.rand(2, 3, 64, 64) for _ in range(2)]
+    targets = torch.tensor([[0, 1, 20.0, 30.0, 16.0, 12.0], [1, 5, 40.0, 40.0, 30.0, 20.0]])
+    qm = qdet.prepare_qat(model, [(x, None) for x in images], QuantConfig(), adapter=adapter,
+                          qat=QATConfig(freeze_bn_after=1, freeze_observers_after=2, calibration_batches=2), progress=False)
+    loss = YoloV5Loss(model.anchors, model.stride, nc=80, img_size=64)
+    log = train_qat(qm.model.body, [(images[0], targets)], yolo_loss_fn(loss), steps=2, lr=1e-4, qat=qm.qat_config,
+                    progress=False)
+    assert len(log.losses) == 2 and all(math.isfinite(v) for v in log.losses)
+    converted = qdet.convert(qm)
+    with torch.no_grad():
+        assert converted(images[1]).shape == model(images[1]).shape
