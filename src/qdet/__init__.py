@@ -4,13 +4,25 @@ accuracy lost and the size/speed won measured side by side.
     >>> import qdet
     >>> cfg = qdet.QuantConfig(activations=qdet.Observer.HISTOGRAM, weights=qdet.PerChannel())
 """
-from qdet.api import benchmark, evaluate, export_onnx, get_adapter, load, lower, quantize, save
+from qdet.api import (
+    benchmark,
+    convert,
+    evaluate,
+    export_onnx,
+    get_adapter,
+    load,
+    lower,
+    prepare_qat,
+    quantize,
+    save,
+)
 from qdet.config import (
     Format,
     LayerOverride,
     Observer,
     PerChannel,
     PerTensor,
+    QATConfig,
     QuantConfig,
     QuantSpec,
     ResidualPolicy,
@@ -22,7 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QuantConfig", "QuantSpec", "Observer", "PerChannel", "PerTensor", "ResidualPolicy", "Format",
-    "LayerOverride", "QuantizedModel", "quantize", "evaluate", "lower", "benchmark", "export_onnx",
+    "LayerOverride", "QATConfig", "QuantizedModel", "quantize", "prepare_qat", "convert", "evaluate", "lower", "benchmark", "export_onnx",
     "save", "load", "get_adapter", "QdetError", "ConfigError", "DataError", "WeightsError",
     "CalibrationError",
 ]

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +20,10 @@ from torch import nn
 
 from qdet import artifact
 from qdet.bench.latency import Latency, measure_latency
-from qdet.config import QuantConfig
-from qdet.errors import ConfigError
+from qdet.config import QATConfig, QuantConfig, QuantSpec
+from qdet.errors import CalibrationError, ConfigError
 from qdet.models.base import ModelAdapter, Task
-from qdet.qmodel import QuantizedModel, RegionSpec
+from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized
 from qdet.qmodel import quantize as _quantize
 from qdet.quant.calibrate import default_transform
 from qdet.runtimes.base import get_runtime
@@ -63,6 +64,73 @@ def quantize(
         model, calib_data, cfg, regions=regions, transform_fn=transform_fn or default_transform,
         num_batches=num_batches, model_name=name, progress=progress,
     )
+
+
+def prepare_qat(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    cfg: QuantConfig | None = None,
+    *,
+    qat: QATConfig | None = None,
+    adapter: ModelAdapter | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+) -> QuantizedModel:
+    """A trainable fake-quant copy of `model` for quantization-aware training (in train mode).
+
+    Conv-BN pairs become QATConvBn2d (BN folded into the fake-quantized weight at every forward),
+    weights are re-quantized every step (straight-through gradients), activation ranges start from
+    `qat.calibration_batches` batches of `calib_data` and then follow an EMA while training. Train
+    it with `qdet.train.train_qat` or your own loop (call `QATSchedule.step()` after each step),
+    then `convert` it. The float `model` is untouched.
+    """
+    import dataclasses
+    import itertools
+
+    from qdet.quant.calibrate import calibration_mode, run_batches
+    from qdet.quant.qat import start_qat
+
+    qat = qat or QATConfig()
+    cfg = cfg or QuantConfig()
+    assert isinstance(cfg.activations, QuantSpec)
+    cfg = dataclasses.replace(cfg, activations=dataclasses.replace(cfg.activations, observer=qat.activation_observer))
+    regions: Sequence[RegionSpec] = (RegionSpec(),)
+    name = ""
+    if adapter is not None:
+        regions = list(adapter.regions(model))
+        transform_fn = transform_fn or adapter.transform_fn(model)
+        name = adapter.name
+    transform = transform_fn or default_transform
+    iterator = iter(calib_data)
+    first = next(iterator, None)
+    if first is None:
+        raise CalibrationError("the QAT calibration set is empty: no batch reached the model")
+
+    def example_run(m: nn.Module) -> Any:
+        inputs = transform(first)
+        return m(*inputs) if isinstance(inputs, tuple) else m(inputs)
+
+    qm = build_quantized(model, regions, cfg, example_run, model_name=name, qat=True)
+    batches = itertools.chain([first], iterator)
+    with calibration_mode(qm):
+        qm.calibration_batches = run_batches(qm, batches, transform, num_batches=qat.calibration_batches,
+                                             progress=progress, desc="QAT initial ranges")
+    start_qat(qm)
+    qm.qat_config = qat
+    qm.train()
+    return qm
+
+
+def convert(qat_model: QuantizedModel) -> QuantizedModel:
+    """The int8 QuantizedModel of a QAT-trained model: BN folded for good, weight qparams fixed
+    from the trained weights, EMA ranges turned into qparams. Same structure as `quantize` gives,
+    so it saves, loads and lowers to every runtime. `qat_model` is untouched."""
+    from qdet.quant.qat import convert_qat
+
+    qm = copy.deepcopy(qat_model)
+    convert_qat(qm)
+    qm.eval()
+    return qm
 
 
 def check_input_range(x: torch.Tensor, expected: tuple[float, float], model_name: str) -> str | None:

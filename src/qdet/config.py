@@ -181,6 +181,31 @@ class QuantConfig:
         return _decode_config(data)
 
 
+@dataclass(frozen=True)
+class QATConfig:
+    """The quantization-aware training schedule (seed 002).
+
+    freeze_bn_after: from this step on, BN folds with its running statistics (no batch statistics,
+        no running-statistics updates); None: never.
+    freeze_observers_after: from this step on, activation ranges stop moving; None: never.
+    activation_observer: replaces the config's activation observer (EMA min/max by default).
+    calibration_batches: batches that set the initial activation ranges before training.
+    """
+
+    freeze_bn_after: int | None = 200
+    freeze_observers_after: int | None = 300
+    activation_observer: Observer = Observer.MOVING_AVERAGE
+    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("freeze_bn_after", "freeze_observers_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value} must be a positive step count or None")
+        if self.calibration_batches < 1:
+            raise ConfigError(f"calibration_batches={self.calibration_batches} must be at least 1")
+
+
 def parse_enum(enum_type: type[Enum], value: str | Enum, option: str) -> Any:
     """String → enum with an error that names the option and lists valid values."""
     if isinstance(value, enum_type):
@@ -239,6 +264,7 @@ __all__ = [
     "QuantSpec",
     "LayerOverride",
     "QuantConfig",
+    "QATConfig",
     "default_activation_spec",
     "default_weight_spec",
     "parse_enum",

@@ -51,6 +51,7 @@ class QuantizedModel(nn.Module):
         self.model_name = model_name
         self.metrics: dict[str, Any] = {}
         self.calibration_batches = 0
+        self.qat_config: Any = None  # the QATConfig while this is a trainable QAT model
         # region path → pytree spec (JSON) of its inputs, for regions fed lists/dicts of tensors
         self.input_structures: dict[str, str] = {}
         self.train(model.training)  # a fresh Module is in train mode; follow the wrapped model (eval)
@@ -131,14 +132,16 @@ def build_quantized(
     example_run: Callable[[nn.Module], Any],
     *,
     model_name: str = "",
+    qat: bool = False,
 ) -> QuantizedModel:
     """Copy `model`, trace and prepare each region using the inputs `example_run` feeds it.
 
-    The returned model is prepared but not calibrated (quantizers pass values through).
+    The returned model is prepared but not calibrated (quantizers pass values through). With
+    `qat`, conv-bn pairs stay trainable (QATConvBn2d) instead of being folded.
     """
     work = copy.deepcopy(model).eval()
     inputs = capture_region_inputs(work, [r.path for r in regions], lambda: example_run(work))
-    return _assemble(work, regions, cfg, inputs, model_name)
+    return _assemble(work, regions, cfg, inputs, model_name, qat=qat)
 
 
 def build_quantized_from_shapes(
@@ -163,11 +166,13 @@ def _assemble(
     cfg: QuantConfig,
     inputs: dict[str, tuple[Any, ...]],
     model_name: str,
+    *,
+    qat: bool = False,
 ) -> QuantizedModel:
     prepared: dict[str, PreparedRegion] = {}
     for spec in regions:
         prepared[spec.path] = prepare_region(
-            _get(work, spec.path), inputs[spec.path], cfg, prefix=spec.path, leaf_types=spec.leaf_modules
+            _get(work, spec.path), inputs[spec.path], cfg, prefix=spec.path, leaf_types=spec.leaf_modules, qat=qat
         )
     for path, region in prepared.items():
         work = _set(work, path, region.module)

@@ -176,6 +176,21 @@ def seeded_subset(dataset: Dataset[Any], n: int, seed: int = 0) -> Subset[Any]:
     return Subset(dataset, indices)
 
 
+def seeded_split(dataset: Dataset[Any], n_first: int, seed: int = 0) -> tuple[Subset[Any], Subset[Any]]:
+    """Two disjoint subsets: `n_first` seeded samples and all the rest (e.g. fine-tune / evaluate).
+
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(10))
+        >>> a, b = seeded_split(ds, 4, seed=0)
+        >>> len(a), len(b), set(a.indices).isdisjoint(b.indices)
+        (4, 6, True)
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    if not 1 <= n_first < size:
+        raise ConfigError(f"split size {n_first} must be between 1 and {size - 1} (dataset of {size})")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[:n_first]), Subset(dataset, order[n_first:])
+
+
 def make_loader(dataset: Dataset[Any], batch_size: int = 256, *, shuffle: bool = False, num_workers: int = 0,
                 seed: int = 0, drop_last: bool = False) -> DataLoader[Any]:
     """A DataLoader yielding (images (B, 3, H, W), labels (B,)); shuffling is seeded for reproducibility.

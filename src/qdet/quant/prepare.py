@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
 from qdet.quant.fusion import decompose_silu, fold_batchnorms
+from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
     QuantConv2d,
@@ -318,10 +319,15 @@ class _Inserter:
     def _quantize_weight(self, node: fx.Node, mod: nn.Module, name: str, fmt: Format) -> None:
         if fmt is Format.FLOAT:
             return
+        # a QAT conv-bn quantizes its BN-folded weight; it keeps its BN, so it is not replaced
+        weight = mod.folded()[0].detach() if isinstance(mod, QATConvBn2d) else mod.weight
         if fmt in (Format.FP16, Format.BF16):
             wq: nn.Module = CastQuantizer(fmt, name + ".weight")
         else:
-            wq = make_weight_quantizer(mod.weight, self.spec_of(name, "weights"), name + ".weight")
+            wq = make_weight_quantizer(weight, self.spec_of(name, "weights"), name + ".weight")
+        if isinstance(mod, QATConvBn2d):
+            mod.weight_quant = wq
+            return
         new = QuantConv2d.from_float(mod, wq) if isinstance(mod, nn.Conv2d) else QuantLinear.from_float(mod, wq)
         parent, _, attr = str(node.target).rpartition(".")
         setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, new)
@@ -414,9 +420,11 @@ def prepare_region(
     *,
     prefix: str = "",
     leaf_types: tuple[type[nn.Module], ...] = (),
+    qat: bool = False,
 ) -> PreparedRegion:
     """Trace `module`, fold BN, insert quantizers. `module` is not modified (it is traced, and the
     BN-folded / quantized replacements are new modules), but callers pass a copy anyway.
+    With `qat`, each conv-bn pair becomes a trainable QATConvBn2d instead of a folded conv.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     >>> region = prepare_region(net, (torch.randn(1, 3, 8, 8),), QuantConfig())
@@ -424,7 +432,7 @@ def prepare_region(
     ['input_1', '0']
     """
     gm = trace(module, leaf_types)
-    folded = fold_batchnorms(gm)
+    folded = fold_batchnorms_qat(gm) if qat else fold_batchnorms(gm)
     if not cfg.fuse_silu:
         decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)

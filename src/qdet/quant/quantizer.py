@@ -2,7 +2,8 @@
 
 A `Quantizer` has three independent switches, flipped by the phase context managers in
 `qdet.quant.calibrate`: `observing` (feed the observer), `enabled` (apply fake-quant), and
-`dynamic` (recompute qparams from every tensor: weights during QAT).
+`dynamic` (recompute qparams from every tensor: weights during QAT); during QAT `tracking`
+activation quantizers update an EMA observer and their qparams at every training batch.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Quantizer(nn.Module):
         self.observing = False
         self.enabled = True
         self.dynamic = False
+        self.tracking = False  # QAT: while training, update the observer and qparams every batch
         self.calibrated = False
         self.exporting = False  # emit ATen fake-quant ops, which ONNX exports as QuantizeLinear/DequantizeLinear
 
@@ -47,6 +49,12 @@ class Quantizer(nn.Module):
         elif self.observing:
             assert self.observer is not None
             self.observer.update(x)
+        elif self.tracking and self.training and self.observer is not None:
+            self.observer.update(x)
+            try:
+                self.set_qparams(*self.observer.qparams())
+            except CalibrationError:
+                pass  # an all-zero batch (dead ReLU) keeps the previous qparams
         if not self.enabled or not (self.calibrated or self.dynamic):
             return x
         if self.exporting:
