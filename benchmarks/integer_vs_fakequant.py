@@ -32,9 +32,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worst", type=int, default=10, help="how many worst layers to print")
+    ap.add_argument("--forced-images", type=int, default=None,
+                    help="run the teacher-forced comparison on the first N images only (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 is switched off so fake-quant stays fp32)")
     ap.add_argument("--json", help="write per-layer rows and totals to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device(args.device)
 
     adapter = api.get_adapter(args.model)
     model = adapter.build()
@@ -43,38 +49,55 @@ def main() -> None:
         data = torch.utils.data.Subset(data, range(min(args.images, len(data))))
     calib = seeded_subset(adapter.eval_dataset(), args.calib_images, seed=args.seed)
     qm = api.quantize(model, make_loader(calib, 32), QuantConfig(), adapter=adapter, progress=False)
-    lowered = api.lower(qm, "integer")
+    qm = qm.to(device)
+    lowered = api.lower(qm, "integer").to(device)
 
     stats: dict[str, LayerAgreement] = {}
+    forced: dict[str, LayerAgreement] = {}
     fake_hits = int_hits = same_pred = n = 0
     for images, labels in tqdm(make_loader(data, args.batch), desc="fake-quant vs integer", unit="batch"):
+        images = images.to(device)
         _, outs = layer_agreement(qm, lowered, [images], stats)
+        if args.forced_images is None or n < args.forced_images:
+            layer_agreement(qm, lowered, [images], forced, teacher_forced=True)
         fake_out, int_out = outs[0]
-        fp, ip = fake_out.argmax(1), int_out.argmax(1)
+        fp, ip = fake_out.argmax(1).cpu(), int_out.argmax(1).cpu()
         fake_hits += int((fp == labels).sum())
         int_hits += int((ip == labels).sum())
         same_pred += int((fp == ip).sum())
         n += len(labels)
 
-    rows = sorted(stats.values(), key=lambda s: s.pct_within_1)
-    total = sum(s.elements for s in rows)
-    equal = sum(s.equal for s in rows)
-    within = sum(s.within_1 for s in rows)
-    print(f"\n{args.model}: {n} CIFAR-10 test images, {len(rows)} activation quantizers, {total:,} output codes")
-    print(f"worst {args.worst} layers by share within 1 LSB:")
-    print(f"{'layer':28s} {'elements':>12s} {'equal %':>9s} {'<=1 LSB %':>10s} {'max diff':>8s}")
-    for s in rows[: args.worst]:
-        print(f"{s.name:28s} {s.elements:12,d} {s.pct_equal:9.4f} {s.pct_within_1:10.4f} {s.max_diff:8d}")
-    print(f"overall: equal {100 * equal / total:.4f} %, within 1 LSB {100 * within / total:.4f} %, "
-          f"layers with every code within 1 LSB: {sum(s.within_1 == s.elements for s in rows)}/{len(rows)}")
+    print(f"\n{args.model}: {n} CIFAR-10 test images on {device}, {len(stats)} activation quantizers")
+    totals = {}
+    n_forced = n if args.forced_images is None else min(n, -(-args.forced_images // args.batch) * args.batch)
+    for title, table in ((f"end to end (both run the whole network), {n} images", stats),
+                         (f"teacher-forced (each integer layer reads the fake-quant codes of its inputs), "
+                          f"{n_forced} images", forced)):
+        totals[title] = _print_table(title, table, args.worst)
     fake_top1, int_top1 = 100 * fake_hits / n, 100 * int_hits / n
     print(f"top-1 fake-quant {fake_top1:.2f} %, integer {int_top1:.2f} %, difference {int_top1 - fake_top1:+.2f} points; "
           f"same prediction on {same_pred}/{n} images")
     if args.json:
-        out = {"model": args.model, "images": n, "fake_top1": fake_top1, "integer_top1": int_top1,
-               "same_prediction": same_pred, "elements": total, "equal": equal, "within_1": within,
-               "layers": [vars(s) for s in stats.values()]}
+        out = {"model": args.model, "images": n, "device": str(device), "fake_top1": fake_top1,
+               "integer_top1": int_top1, "same_prediction": same_pred, "totals": totals,
+               "layers_end_to_end": [vars(s) for s in stats.values()],
+               "layers_teacher_forced": [vars(s) for s in forced.values()]}
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def _print_table(title: str, stats: dict[str, LayerAgreement], worst: int) -> dict[str, float]:
+    rows = sorted(stats.values(), key=lambda s: (s.pct_within_1, s.pct_equal))
+    total = sum(s.elements for s in rows)
+    equal = sum(s.equal for s in rows)
+    within = sum(s.within_1 for s in rows)
+    print(f"\n{title}: {total:,} output codes; worst {worst} layers by share within 1 LSB")
+    print(f"{'layer':28s} {'elements':>12s} {'equal %':>9s} {'<=1 LSB %':>10s} {'max diff':>8s}")
+    for s in rows[:worst]:
+        print(f"{s.name:28s} {s.elements:12,d} {s.pct_equal:9.4f} {s.pct_within_1:10.4f} {s.max_diff:8d}")
+    print(f"overall: equal {100 * equal / total:.4f} %, within 1 LSB {100 * within / total:.4f} %, "
+          f"max diff {max(s.max_diff for s in rows)}, layers with every code within 1 LSB: "
+          f"{sum(s.within_1 == s.elements for s in rows)}/{len(rows)}")
+    return {"elements": total, "pct_equal": 100 * equal / total, "pct_within_1": 100 * within / total}
 
 
 if __name__ == "__main__":

@@ -56,18 +56,32 @@ def decompose_multiplier(m: float, *, layer: str = "") -> tuple[int, int]:
 def rounding_right_shift(x: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
     """round(x / 2^n) with ties to even, exactly, on int64; `n` ≥ 0 (scalar or broadcastable).
 
+    Round half up with one add and an arithmetic shift, then step back by one on exact ties
+    whose result is odd.
+
     >>> rounding_right_shift(torch.tensor([5, 6, 7, -5, -6, -7, 2, -2]), 2).tolist()
     [1, 2, 2, -1, -2, -2, 0, 0]
     """
     x = x.to(torch.int64)
-    n_t = torch.as_tensor(n, dtype=torch.int64)
+    if isinstance(n, int) or torch.as_tensor(n).numel() == 1:
+        k = int(n)
+        if k < 0:
+            raise ValueError("shift must be >= 0")
+        if k == 0:
+            return x
+        half, mask = 1 << (k - 1), (1 << k) - 1
+        r = torch.bitwise_right_shift(x + half, k)
+        tie = torch.bitwise_and(x, mask) == half
+        return r - (tie & (torch.bitwise_and(r, 1) == 1)).to(torch.int64)
+    n_t = torch.as_tensor(n, dtype=torch.int64, device=x.device)
     if bool((n_t < 0).any()):
         raise ValueError("shift must be >= 0")
-    floor = torch.bitwise_right_shift(x, n_t)  # arithmetic shift: floor(x / 2^n)
-    rem = x - torch.bitwise_left_shift(floor, n_t)  # ∈ [0, 2^n)
-    half = torch.where(n_t > 0, torch.bitwise_left_shift(torch.ones_like(n_t), (n_t - 1).clamp(min=0)), torch.zeros_like(n_t))
-    up = (rem > half) | ((rem == half) & (n_t > 0) & (floor % 2 == 1))
-    return floor + up.to(torch.int64)
+    one = torch.ones_like(n_t)
+    half = torch.where(n_t > 0, torch.bitwise_left_shift(one, (n_t - 1).clamp(min=0)), torch.zeros_like(n_t))
+    mask = torch.bitwise_left_shift(one, n_t) - 1
+    r = torch.bitwise_right_shift(x + half, n_t)
+    tie = (torch.bitwise_and(x, mask) == half) & (n_t > 0)
+    return r - (tie & (torch.bitwise_and(r, 1) == 1)).to(torch.int64)
 
 
 def multiply_by_quantized_multiplier(acc: torch.Tensor, m0: torch.Tensor | int, n: torch.Tensor | int) -> torch.Tensor:

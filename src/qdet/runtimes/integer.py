@@ -118,6 +118,9 @@ class IntegerRegion(nn.Module):
         self.gm = gm
         self.path = path
         self.record: dict[str, torch.Tensor] | None = None  # layer name → output codes, when set
+        # layer name → codes that replace this layer's output after it is recorded ("teacher forcing":
+        # each op then sees the reference's inputs, so differences measure one op, not their propagation)
+        self.teacher: dict[str, torch.Tensor] | None = None
         self.params: dict[str, dict[str, Any]] = {}  # layer name → integer parameters last used
         self._cache: dict[tuple[Any, ...], Any] = {}
         self._check_supported()
@@ -230,6 +233,7 @@ class IntegerRegion(nn.Module):
         self.params.setdefault(name, {}).update(
             requant_m0=m0.tolist(), requant_shift=n.tolist(), input_scale=g.scale.reshape(-1).tolist(),
             output_scale=float(out.scale), output_zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
+        m0, n = m0.to(data.device), n.to(data.device)
         codes = requantize(data, _per_channel(m0, data), _per_channel(n, data), zero_point=out.zero_point,
                            qmin=out.qmin, qmax=out.qmax)
         return IntValue(codes, out)
@@ -243,12 +247,14 @@ class IntegerRegion(nn.Module):
         if isinstance(x, IntValue):
             value = self._requantize(name, x, out)
         else:  # the float → integer edge: the region's inputs
-            codes = saturate(torch.round(x.to(torch.float64) / out.scale) + out.zero_point, out.qmin, out.qmax)
+            codes = saturate(torch.round(x.to(torch.float64) / out.scale.to(x.device)) + out.zero_point, out.qmin, out.qmax)
             value = IntValue(codes.to(torch.int64), out)
             self.params.setdefault(name, {}).update(kind="input", output_scale=float(out.scale),
                                                     output_zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
         if self.record is not None:
             self.record[name] = value.data
+        if self.teacher is not None and name in self.teacher:
+            value = IntValue(self.teacher[name].to(value.data.device, torch.int64), value.grid)
         return value
 
     def _tied(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -260,7 +266,7 @@ class IntegerRegion(nn.Module):
         x = args[0]
         if isinstance(x, IntValue):
             return self._requantize(mod.layer_name or node.name, x, out)
-        codes = saturate(torch.round(x.to(torch.float64) / out.scale) + out.zero_point, out.qmin, out.qmax)
+        codes = saturate(torch.round(x.to(torch.float64) / out.scale.to(x.device)) + out.zero_point, out.qmin, out.qmax)
         return IntValue(codes.to(torch.int64), out)
 
     def _conv_linear(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> IntValue:
@@ -270,7 +276,8 @@ class IntegerRegion(nn.Module):
         x = args[0]
         if len(args) != 1 or kwargs or not isinstance(x, IntValue) or x.grid.acc:
             raise ConfigError(f"layer {name!r}: the integer runtime needs a conv/linear input on a quantized grid")
-        weights, bias, acc_scale = self._cached(("W", node.name, x.grid.key()), lambda: self._weights(mod, name, x.grid))
+        weights, bias, acc_scale = self._cached(("W", node.name, x.grid.key(), str(x.data.device)),
+                                                lambda: self._weights(mod, name, x.grid))
         xi = (x.data - x.grid.zero_point).to(torch.float64)
         if isinstance(mod, QuantConv2d):
             if mod.padding_mode != "zeros":
@@ -320,9 +327,9 @@ class IntegerRegion(nn.Module):
         six = isinstance(mod, nn.ReLU6) or node.target is F.relu6
         g = x.grid
         low = 0 if g.acc else g.zero_point
-        data = torch.maximum(x.data, torch.tensor(low, dtype=torch.int64))
+        data = x.data.clamp(min=low)
         if six:  # 6.0 on this grid, rounded: within half a step of the float clamp
-            top = torch.round(6.0 / g.scale).to(torch.int64) + low
+            top = (torch.round(6.0 / g.scale).to(torch.int64) + low).to(data.device)
             data = torch.minimum(data, _per_channel(top, data))
         return IntValue(data, g)
 
@@ -433,7 +440,7 @@ def _call(region: IntegerRegion, node: fx.Node, args: list[Any], kwargs: dict[st
 def _dequantize(v: Any) -> Any:
     if not isinstance(v, IntValue):
         return v
-    scale = _per_channel(v.grid.scale, v.data)
+    scale = _per_channel(v.grid.scale.to(v.data.device), v.data)
     return ((v.data - v.grid.zero_point).to(torch.float64) * scale).to(torch.float32)
 
 

@@ -130,9 +130,19 @@ class _FakeCodes:
 
 
 def layer_agreement(
-    qmodel: QuantizedModel, lowered: nn.Module, inputs: Iterable[Any], stats: dict[str, LayerAgreement] | None = None
+    qmodel: QuantizedModel,
+    lowered: nn.Module,
+    inputs: Iterable[Any],
+    stats: dict[str, LayerAgreement] | None = None,
+    *,
+    teacher_forced: bool = False,
 ) -> tuple[dict[str, LayerAgreement], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Run both on each input (a tensor or tuple of tensors); per-layer stats and (fake, integer) outputs."""
+    """Run both on each input (a tensor or tuple of tensors); per-layer stats and (fake, integer) outputs.
+
+    End to end (default) a 1-step difference early on propagates into every later layer. With
+    `teacher_forced` every integer layer reads the fake-quant codes of its inputs, so each layer's
+    numbers measure that one op's integer arithmetic against its float simulation.
+    """
     stats = {} if stats is None else stats
     regions = integer_regions(lowered)
     hooks = _FakeCodes(qmodel.model)
@@ -144,6 +154,8 @@ def layer_agreement(
                 r.record = {}
             with torch.no_grad():
                 fake_out = qmodel(*args)
+                for r in regions:
+                    r.teacher = hooks.codes if teacher_forced else None
                 int_out = lowered(*args)
             outputs.append((fake_out, int_out))
             for r in regions:
@@ -156,6 +168,7 @@ def layer_agreement(
         hooks.close()
         for r in regions:
             r.record = None
+            r.teacher = None
     return stats, outputs
 
 
