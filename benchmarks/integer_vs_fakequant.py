@@ -86,6 +86,9 @@ def main() -> None:
 
 
 def _print_table(title: str, stats: dict[str, LayerAgreement], worst: int) -> dict[str, float]:
+    if not stats:
+        print(f"\n{title}: not run")
+        return {}
     rows = sorted(stats.values(), key=lambda s: (s.pct_within_1, s.pct_equal))
     total = sum(s.elements for s in rows)
     equal = sum(s.equal for s in rows)

@@ -138,7 +138,7 @@ class IntegerRegion(nn.Module):
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return type(self.gm.get_submodule(str(node.target))).__name__
+            return f"{type(self.gm.get_submodule(str(node.target))).__name__} at {_join(self.path, str(node.target))!r}"
         return getattr(node.target, "__name__", str(node.target))
 
     def _module(self, node: fx.Node) -> nn.Module | None:
@@ -231,7 +231,7 @@ class IntegerRegion(nn.Module):
         m0, n = self._cached(("M", name, g.key(), out.key()),
                              lambda: multipliers(g.scale / out.scale, layer=name))
         self.params.setdefault(name, {}).update(
-            requant_m0=m0.tolist(), requant_shift=n.tolist(), input_scale=g.scale.reshape(-1).tolist(),
+            requant_m0=m0.tolist(), requant_shift=n.tolist(), requant_input_scale=g.scale.reshape(-1).tolist(),
             output_scale=float(out.scale), output_zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
         m0, n = m0.to(data.device), n.to(data.device)
         codes = requantize(data, _per_channel(m0, data), _per_channel(n, data), zero_point=out.zero_point,
@@ -427,6 +427,10 @@ class IntegerRegion(nn.Module):
     def _meta(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
         args = [a.data if isinstance(a, IntValue) else a for a in args]
         return _call(self, node, args, kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _call(region: IntegerRegion, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:

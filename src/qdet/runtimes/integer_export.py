@@ -56,7 +56,7 @@ def integer_params(qmodel: QuantizedModel) -> dict[str, Any]:
         "conventions": {
             "real_value": "r = scale * (q - zero_point)",
             "accumulator": "acc = sum((q_x - Z_x) * q_w) + bias_int32, int32, scale accumulator_scale",
-            "requantize": "q_out = clamp(Z_out + round_half_even(acc * M0 / 2^n), qmin, qmax)",
+            "requantize": "q_out = clamp(Z_out + round_half_even(acc * M0 / 2^n), qmin, qmax), M0 / 2^n = requant_input_scale / output_scale",
             "M0_bits": M0_BITS,
             "add": f"acc = round((q1 - Z1) * 2^{ADD_SHIFT} * M0_1 / 2^n_1) + round((q2 - Z2) * 2^{ADD_SHIFT} * M0_2 / 2^n_2), "
                    "then requantize like a conv",
