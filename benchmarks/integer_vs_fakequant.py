@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,7 +29,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--calib-images", type=int, default=512)
-    ap.add_argument("--images", type=int, default=None, help="evaluate the first N test images (default: all)")
+    ap.add_argument("--images", type=int, default=None, help="evaluate N test images from --start (default: all)")
+    ap.add_argument("--start", type=int, default=0, help="first test image (split a run over processes, then --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the --json files of split runs and print the tables")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 is switched off so fake-quant stays fp32)")
     ap.add_argument("--json", help="write per-layer rows and totals to this JSON file")
     args = ap.parse_args()
+    if args.merge:
+        _merge(args.merge, args.worst)
+        return
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -45,8 +52,9 @@ def main() -> None:
     adapter = api.get_adapter(args.model)
     model = adapter.build()
     data = adapter.eval_dataset()
-    if args.images is not None:
-        data = torch.utils.data.Subset(data, range(min(args.images, len(data))))
+    if args.images is not None or args.start:
+        stop = len(data) if args.images is None else min(args.start + args.images, len(data))
+        data = torch.utils.data.Subset(data, range(args.start, stop))
     calib = seeded_subset(adapter.eval_dataset(), args.calib_images, seed=args.seed)
     qm = api.quantize(model, make_loader(calib, 32), QuantConfig(), adapter=adapter, progress=False)
     qm = qm.to(device)
@@ -66,6 +74,8 @@ def main() -> None:
         int_hits += int((ip == labels).sum())
         same_pred += int((fp == ip).sum())
         n += len(labels)
+        if args.json:  # after every batch: a stopped run still leaves its counts
+            _write(args, device, n, fake_hits, int_hits, same_pred, stats, forced, {})
 
     print(f"\n{args.model}: {n} CIFAR-10 test images on {device}, {len(stats)} activation quantizers")
     totals = {}
@@ -78,11 +88,37 @@ def main() -> None:
     print(f"top-1 fake-quant {fake_top1:.2f} %, integer {int_top1:.2f} %, difference {int_top1 - fake_top1:+.2f} points; "
           f"same prediction on {same_pred}/{n} images")
     if args.json:
-        out = {"model": args.model, "images": n, "device": str(device), "fake_top1": fake_top1,
-               "integer_top1": int_top1, "same_prediction": same_pred, "totals": totals,
-               "layers_end_to_end": [vars(s) for s in stats.values()],
-               "layers_teacher_forced": [vars(s) for s in forced.values()]}
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        _write(args, device, n, fake_hits, int_hits, same_pred, stats, forced, totals)
+
+
+def _write(args: argparse.Namespace, device: torch.device, n: int, fake_hits: int, int_hits: int, same_pred: int,
+           stats: dict[str, LayerAgreement], forced: dict[str, LayerAgreement], totals: dict[str, Any]) -> None:
+    out = {"model": args.model, "start": args.start, "images": n, "device": str(device), "fake_hits": fake_hits,
+           "int_hits": int_hits, "same_prediction": same_pred, "totals": totals,
+           "layers_end_to_end": [vars(s) for s in stats.values()],
+           "layers_teacher_forced": [vars(s) for s in forced.values()]}
+    tmp = Path(args.json + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.json)
+
+
+def _merge(paths: list[str], worst: int) -> None:
+    """Sum the counts of split runs (same model, same calibration) and print the tables."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    n = sum(r["images"] for r in runs)
+    for key, title in (("layers_end_to_end", "end to end"), ("layers_teacher_forced", "teacher-forced")):
+        merged: dict[str, LayerAgreement] = {}
+        for r in runs:
+            for row in r[key]:
+                s = merged.setdefault(row["name"], LayerAgreement(row["name"]))
+                s.elements += row["elements"]
+                s.equal += row["equal"]
+                s.within_1 += row["within_1"]
+                s.max_diff = max(s.max_diff, row["max_diff"])
+        _print_table(f"{title}, {n} images (merged from {len(runs)} runs)", merged, worst)
+    fake, integer, same = (sum(r[k] for r in runs) for k in ("fake_hits", "int_hits", "same_prediction"))
+    print(f"top-1 fake-quant {100 * fake / n:.2f} %, integer {100 * integer / n:.2f} %, difference "
+          f"{100 * (integer - fake) / n:+.2f} points; same prediction on {same}/{n} images")
 
 
 def _print_table(title: str, stats: dict[str, LayerAgreement], worst: int) -> dict[str, float]:
