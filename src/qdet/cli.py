@@ -7,6 +7,7 @@ Examples:
     qdet eval resnet56 --qmodel runs/resnet56.qdet --json out.json
     qdet bench resnet50 --runtime onnxruntime --threads 2
     qdet qat resnet20 --weight-bits 4 --steps 300  # fine-tune on 5,000 CIFAR test images, evaluate on the rest
+    qdet export-int resnet56 --qmodel runs/resnet56.qdet --out runs/resnet56_int.json
 """
 from __future__ import annotations
 
@@ -115,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
     b.add_argument("--batch", type=int, default=1, help="batch size for timing (default: 1)")
     _add_qat_parser(sub)
+
+    x = sub.add_parser("export-int", help="per-layer integer parameters (M0, n, int32 bias, zero points) as JSON",
+                       description="Lower a quantized model to the integer-only runtime and write, per layer, the "
+                                   "integer parameters it runs with (M0 · 2^-n multipliers, int32 biases, scales, "
+                                   "zero points) as JSON for hardware implementations.")
+    x.add_argument("model", help="model name (see `qdet list`)")
+    x.add_argument("--weights", help="float weights file (default: bundled or torchvision)")
+    x.add_argument("--data", help="calibration data folder (default: the model's bundled set)")
+    x.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
+    x.add_argument("--out", help="JSON file to write (default: runs/<model>_integer.json)")
+    x.add_argument("--seed", type=int, default=0, help="seed for the calibration subset (default: 0)")
+    x.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_quant_options(x)
     return parser
 
 
@@ -347,7 +361,25 @@ def cmd_qat(args: argparse.Namespace) -> None:
     print(f"QAT model saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
-COMMANDS = {"qat": cmd_qat, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}
+def cmd_export_int(args: argparse.Namespace) -> None:
+    from qdet import api
+    from qdet.jobs import JobOptions, calibration_loader
+    from qdet.runtimes.integer_export import export_integer_params
+
+    adapter = api.get_adapter(args.model)
+    if args.qmodel:
+        qm = api.load(args.qmodel, adapter.build(args.weights))
+    else:
+        args.runtime = "integer"  # config_from_args reads it (SiLU: decomposed, the integer runtime has no SiLU)
+        opts = JobOptions(calib_images=args.calib_images, calib_batch=args.calib_batch, seed=args.seed,
+                          data=args.data, progress=not args.no_progress)
+        qm = api.quantize(adapter.build(args.weights), calibration_loader(adapter, opts), config_from_args(args),
+                          adapter=adapter, progress=opts.progress)
+    out = export_integer_params(qm, args.out or f"runs/{args.model}_integer.json")
+    print(f"integer parameters of {len(qm.layers)} layers written to {out}")
+
+
+COMMANDS = {"qat": cmd_qat, "export-int": cmd_export_int, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

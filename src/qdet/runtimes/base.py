@@ -136,7 +136,7 @@ def resolve_runtime(name: str) -> str:
 
 
 def get_runtime(name: str, *, threads: int | None = None) -> Runtime:
-    """Runtime by name ("reference", "onnxruntime", "torch", "openvino", or "auto")."""
+    """Runtime by name ("reference", "integer", "onnxruntime", "torch", "openvino", or "auto")."""
     _load_builtin_runtimes()
     name = resolve_runtime(name)
     try:
@@ -155,7 +155,7 @@ def _load_builtin_runtimes() -> None:
     # Imported lazily: each pulls an optional dependency only when used.
     import importlib
 
-    for mod in ("qdet.runtimes.onnxruntime", "qdet.runtimes.torch_int8", "qdet.runtimes.openvino"):
+    for mod in ("qdet.runtimes.onnxruntime", "qdet.runtimes.torch_int8", "qdet.runtimes.openvino", "qdet.runtimes.integer"):
         try:
             importlib.import_module(mod)
         except ImportError:  # the module itself is missing in a partial install
