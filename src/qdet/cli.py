@@ -144,7 +144,9 @@ def _add_qat_parser(sub: Any) -> None:
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     g.add_argument("--train-images", type=int, default=5000,
                    help="images of the seeded split used for calibration and fine-tuning; the rest evaluate (default: 5000)")
-    g.add_argument("--freeze-bn", type=int, default=200, help="freeze BN statistics after N steps (default: 200)")
+    g.add_argument("--freeze-bn", type=int, default=1,
+                   help="freeze BN statistics after N steps (default: 1, i.e. fold running statistics from the start: "
+                        "on ResNet20 4-bit it recovered 69 %% of the PTQ drop, freezing at 200 only 10 %%)")
     g.add_argument("--freeze-observers", type=int, default=250, help="freeze activation ranges after N steps (default: 250)")
     t.add_argument("--out", help="where to save the converted model (default: runs/<model>-qat.qdet)")
 
