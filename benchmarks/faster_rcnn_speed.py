@@ -272,6 +272,12 @@ def main() -> None:
         print(f"  {label} kernels: " + "; ".join(f"{k}: {v}" for k, v in counts.items()))
 
     # ------------------------------------------------------------ per-layer SQNR
+    # The paired SQNR pass holds two sets of full-resolution activations: release the runtime sessions
+    # first (the run was OOM-killed here on a 24 GB machine shared with other jobs).
+    import gc
+
+    del int8_ort, int8_ov, fp32_ort, fp32_ov, fns, baseline
+    gc.collect()
     sqnr_rows = []
     if not args.skip_sqnr:
         print("\nPer-layer SQNR on the six KITTI frames (float vs int8 simulation; the int8 pass reuses the "

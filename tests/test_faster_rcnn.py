@@ -312,3 +312,64 @@ def test_evaluate_on_the_kitti_frames():
     result = qdet.evaluate(model, adapter, data, progress=False)  # random weights: the plumbing, not the numbers
     assert isinstance(result, KittiResult) and result.num_images == 6
     assert result.num_gt["Car"]["Moderate"] == 3 and result.seed_counts["gt"] == 8
+
+
+class _TinyAdapter(FasterRCNNAdapter):
+    """The tiny detector under a registry name, built like a torchvision one (file + num_classes)."""
+
+    def build(self, weights=None, **options):
+        from qdet.models.weights import load_into, load_state_dict_file
+
+        model = tiny_faster_rcnn(int(options.pop("num_classes", self.num_classes)), image_size=SIZE)
+        assert not options, options
+        if weights is not None:
+            load_into(model, load_state_dict_file(weights, expected_keys_from=model), source=str(weights),
+                      model_name=self.name)
+        return make_quantizable(model).eval()
+
+
+@pytest.mark.assets
+def test_cli_quantize_on_kitti_end_to_end(tiny, tmp_path, monkeypatch, capsys):
+    """`qdet quantize MODEL --weights FILE --num-classes 4 --data kitti:DIR`: calibrate, convert, evaluate,
+    benchmark, save — on the six real KITTI frames (different sizes: 1224×370 and 1242×375)."""
+    import json
+
+    from conftest import require_asset
+
+    from qdet import cli
+    from qdet.models import REGISTRY
+    from qdet.paths import assets_dir
+
+    require_asset("kitti/training/label_2/000005.txt")
+    weights = tmp_path / "tiny.pth"
+    torch.save(tiny.state_dict(), weights)
+    monkeypatch.setitem(REGISTRY._adapters, "tiny_faster_rcnn", _TinyAdapter("tiny_faster_rcnn", num_classes=91))
+    out, js = tmp_path / "tiny.qdet", tmp_path / "tiny.json"
+    rc = cli.main(["quantize", "tiny_faster_rcnn", "--weights", str(weights), "--num-classes", "4",
+                   "--data", f"kitti:{assets_dir() / 'kitti'}", "--runtime", "onnxruntime", "--threads", "1",
+                   "--repeats", "2", "--calib-batch", "4", "--no-progress", "--out", str(out), "--json", str(js)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    result = json.loads(js.read_text())
+    assert result["meta"]["calibration_images"] == 6 and result["meta"]["eval_images"] == 6
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"float (PyTorch eager)", "float (onnxruntime)", "int8 (onnxruntime)"}
+    for r in rows.values():  # random-ish detections on KITTI: the plumbing, not the numbers
+        assert 0.0 <= r["seed_accuracy"] <= 1.0 and r["latency_ms"] > 0
+    assert rows["int8 (onnxruntime)"]["size_mb"] < 0.4 * rows["float (onnxruntime)"]["size_mb"]
+    assert out.is_file() and "ap_r40_moderate" in printed.out
+
+
+def test_data_kinds_name_the_folder_format(tmp_path):
+    from qdet.models.faster_rcnn import data_source
+
+    (tmp_path / "training" / "image_2").mkdir(parents=True)
+    assert data_source(f"kitti:{tmp_path}") == ("kitti", tmp_path)
+    assert data_source(tmp_path) == ("kitti", tmp_path)
+    assert data_source(None) == ("coco", None)
+    with pytest.raises(DataError, match="image_2"):
+        data_source(f"kitti:{tmp_path / 'training' / 'image_2'}")
+    with pytest.raises(DataError, match="not a folder"):
+        data_source(f"coco:{tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="unknown data kind"):
+        data_source("voc:/nowhere")

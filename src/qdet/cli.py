@@ -52,7 +52,10 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name (see `qdet list`)")
     p.add_argument("--weights", help="float weights file (.pt/.pth/.safetensors); default: bundled or torchvision")
-    p.add_argument("--data", help="evaluation/calibration data folder (default: the model's bundled set)")
+    p.add_argument("--data", help="evaluation/calibration data folder, or kitti:DIR / coco:DIR "
+                   "(default: the model's bundled set)")
+    p.add_argument("--num-classes", type=int, help="classes of the --weights checkpoint when they differ from the "
+                   "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=int, help="evaluate on a seeded subset of N images (default: all)")
     p.add_argument("--runtime", default="auto",
                    help="where float and int8 run: openvino, onnxruntime, torch, reference; auto = the fastest installed "
@@ -167,6 +170,13 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     )
 
 
+def build_model(adapter: Any, args: argparse.Namespace) -> Any:
+    """The float model for `--weights`, with `--num-classes` passed on when given."""
+    from qdet.jobs import build_model as build
+
+    return build(adapter, args.weights, args.num_classes)
+
+
 def _job_options(args: argparse.Namespace, **extra: Any):
     from qdet.jobs import JobOptions
 
@@ -205,7 +215,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
-    model = adapter.build(args.weights)
+    model = build_model(adapter, args)
     cfg = config_from_args(args)
     result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
     out = Path(args.out or f"runs/{args.model}.qdet")
@@ -219,8 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
-    model = adapter.build(args.weights)
-    qm = api.load(args.qmodel, adapter.build(args.weights))
+    model = build_model(adapter, args)
+    qm = api.load(args.qmodel, build_model(adapter, args))
     result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
     _emit(result, args)
 
@@ -239,9 +249,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from qdet.jobs import calibration_loader, compare_job
 
     adapter = api.get_adapter(args.model)
-    model = adapter.build(args.weights)
+    model = build_model(adapter, args)
     opts = _job_options(args, bench=False)
-    qm = api.load(args.qmodel, adapter.build(args.weights)) if args.qmodel else api.quantize(
+    qm = api.load(args.qmodel, build_model(adapter, args)) if args.qmodel else api.quantize(
         model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
     metric_rows = None
     if not args.no_eval:

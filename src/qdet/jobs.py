@@ -62,7 +62,21 @@ def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
     source = getattr(adapter, "calibration_dataset", None) or adapter.eval_dataset
     dataset = source(opts.data)
     subset = seeded_subset(dataset, min(opts.calib_images, len(dataset)), seed=opts.seed)
-    return make_loader(subset, opts.calib_batch)
+    return make_loader(subset, opts.calib_batch, collate_fn=getattr(adapter, "collate", None))
+
+
+def build_model(adapter: Any, weights: str | None, num_classes: int | None = None) -> torch.nn.Module:
+    """The float model for `weights`; `num_classes` (the CLI's --num-classes) only when given."""
+    options = {} if num_classes is None else {"num_classes": num_classes}
+    return adapter.build(weights, **options)
+
+
+def timing_input(batch: Any) -> Any:
+    """One image of a calibration batch, as the model takes it: a list `[image]` for detectors whose
+    loader yields lists of (3, H, W) images, else the first row of the (B, 3, H, W) tensor."""
+    if isinstance(batch, list) and batch and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in batch):
+        return batch[:1]
+    return (batch[0] if isinstance(batch, (tuple, list)) else batch)[:1]
 
 
 def _eval_dataset(adapter: Any, opts: JobOptions) -> Any:
@@ -94,13 +108,12 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     }
     if adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
         candidates["int8 (reference simulation)"] = ("reference", qmodel)
-    classify = adapter.task is Task.CLASSIFICATION
-    metric_keys = ("top1", "top5") if classify else ("map", "map50")
     rows: list[dict[str, Any]] = []
     for label, (runtime, fn) in candidates.items():
         with torch_threads(opts.threads):
             res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
-        rows.append({"model": label, "runtime": runtime, **{k: getattr(res, k) for k in metric_keys}})
+        rows.append({"model": label, "runtime": runtime, **headline_metrics(res)})
+    metric_keys = tuple(k for k in rows[0] if k not in ("model", "runtime"))
     key = metric_keys[0]
     for r in rows:
         r[f"d_{key}"] = r[key] - rows[0][key]
@@ -114,8 +127,7 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     for r in rows:
         r["size_mb"] = sizes.get(r["model"])
     if opts.bench:
-        first = next(iter(calib))
-        x = (first[0] if isinstance(first, (tuple, list)) else first)[:1]
+        x = timing_input(next(iter(calib)))
         timed = api.benchmark({k: (rt, fn, None) for k, (rt, fn) in candidates.items()}, (x,),
                               threads=opts.threads, repeats=opts.repeats, progress=opts.progress)
         eager, same = timed[0].latency.median_ms, timed[1].latency.median_ms
@@ -133,6 +145,19 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     cols = ["model", *metric_keys, f"d_{key}", "size_mb", "latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
     title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
     return JobResult(title, rows, cols, meta), qmodel
+
+
+def headline_metrics(result: Any) -> dict[str, float]:
+    """The two numbers of an evaluation result that the side-by-side table shows.
+
+    Classification: top1, top5; COCO: map, map50; KITTI: mean AP_R40 at Moderate over the classes
+    with ground truth, and the seed's accuracy (score 0.5, IoU 0.5).
+    """
+    if hasattr(result, "top1"):
+        return {"top1": result.top1, "top5": result.top5}
+    if hasattr(result, "moderate_map"):
+        return {"ap_r40_moderate": result.moderate_map(), "seed_accuracy": result.seed_accuracy}
+    return {"map": result.map, "map50": result.map50}
 
 
 def _saved_size(lowered: Any, stem: Path) -> float | None:

@@ -8,19 +8,24 @@ from typing import Any
 
 from qdet import api
 from qdet.config import QuantConfig
-from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, calibration_loader
+from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, timing_input
 
 
 def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
     adapter = api.get_adapter(args.model)
-    model = adapter.build(args.weights)
+    model = build_model(adapter, args.weights, args.num_classes)
     opts = JobOptions(calib_images=args.calib_images, calib_batch=args.calib_batch, seed=args.seed,
                       runtime=args.runtime, threads=args.threads, repeats=args.repeats, data=args.data,
                       progress=not args.no_progress)
     calib = calibration_loader(adapter, opts)
-    qm = api.load(args.qmodel, adapter.build(args.weights)) if args.qmodel else api.quantize(
+    qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
         model, calib, cfg, adapter=adapter, progress=opts.progress)
-    images = next(iter(calib))[0][: args.batch]
+    first = next(iter(calib))
+    if isinstance(timing_input(first), list):  # a detector's list of (3, H, W) images
+        images = first[: args.batch]
+    else:
+        images = (first[0] if isinstance(first, (tuple, list)) else first)[: args.batch]
+    batch, shape = len(images), tuple(images[0].shape)
     lowered_f = api.lower(qm, opts.runtime, quantized=False, threads=opts.threads)
     lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,5 +45,5 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
                      "speedup_vs_same_runtime_fp32": same.latency.median_ms / t.latency.median_ms
                      if t.runtime == same.runtime else None})
     cols = ["model", "size_mb", "latency_ms", "p90_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
-    title = f"{adapter.name}: batch {images.shape[0]}, input {tuple(images.shape[1:])}, {opts.threads} threads, median of {opts.repeats}"
-    return JobResult(title, rows, cols, {"model": adapter.name, "threads": opts.threads, "batch": int(images.shape[0])})
+    title = f"{adapter.name}: batch {batch}, input {shape}, {opts.threads} threads, median of {opts.repeats}"
+    return JobResult(title, rows, cols, {"model": adapter.name, "threads": opts.threads, "batch": batch})

@@ -192,7 +192,8 @@ def seeded_split(dataset: Dataset[Any], n_first: int, seed: int = 0) -> tuple[Su
 
 
 def make_loader(dataset: Dataset[Any], batch_size: int = 256, *, shuffle: bool = False, num_workers: int = 0,
-                seed: int = 0, drop_last: bool = False) -> DataLoader[Any]:
+                seed: int = 0, drop_last: bool = False,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader[Any]:
     """A DataLoader yielding (images (B, 3, H, W), labels (B,)); shuffling is seeded for reproducibility.
 
     Example:
@@ -204,4 +205,4 @@ def make_loader(dataset: Dataset[Any], batch_size: int = 256, *, shuffle: bool =
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=generator, drop_last=drop_last, persistent_workers=False)
+                      generator=generator, drop_last=drop_last, persistent_workers=False, collate_fn=collate_fn)

@@ -43,6 +43,7 @@ __all__ = [
     "COCO_TO_KITTI",
     "FASTER_RCNN_ADAPTERS",
     "RANDOM_INIT",
+    "data_source",
     "REGION_PATHS",
     "FasterRCNNAdapter",
     "images_of",
@@ -209,22 +210,25 @@ class FasterRCNNAdapter:
 
     # ------------------------------------------------------------------ data and evaluation
     def eval_dataset(self, data: str | Path | None = None) -> Any:
-        """A KITTI folder (one with `training/image_2`, or `image_2`) → KittiDataset; otherwise COCO val
-        images (default: the bundled val2017 subset) → CocoDetection."""
+        """`kitti:DIR` or a KITTI folder (one with `training/image_2`, or `image_2`) → KittiDataset;
+        `coco:DIR`, another folder or None (the bundled val2017 subset) → CocoDetection of val2017."""
         from qdet.data.kitti import KittiDataset
 
-        if data is not None and _is_kitti(Path(data)):
-            return KittiDataset(data)
-        return _coco("val2017", data)
+        kind, root = data_source(data)
+        return KittiDataset(root) if kind == "kitti" else _coco("val2017", root)
 
     def calibration_dataset(self, data: str | Path | None = None) -> Any:
         """Training images as (3, H, W) float tensors in [0, 1]: KITTI training frames or COCO train2017
-        (never the evaluation images). Sizes differ: batch them as lists (or batch size 1)."""
+        (never COCO's evaluation images). Sizes differ: batch them with `collate` (lists)."""
         from qdet.data.kitti import KittiDataset
 
-        if data is not None and _is_kitti(Path(data)):
-            return _Images(KittiDataset(data))
-        return _Images(_coco("train2017", data))
+        kind, root = data_source(data)
+        return _Images(KittiDataset(root) if kind == "kitti" else _coco("train2017", root))
+
+    @staticmethod
+    def collate(items: list[Any]) -> list[Any]:
+        """Batch of a detection loader: a plain list (images of different sizes are not stacked)."""
+        return list(items)
 
     def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True,
                  class_names: Mapping[int, str] | None = None) -> Any:
@@ -278,8 +282,35 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)  # (H, W, 3) uint8 RGB
 
 
+_DATA_KINDS = ("kitti", "coco")
+
+
 def _is_kitti(path: Path) -> bool:
     return (path / "image_2").is_dir() or (path / "training" / "image_2").is_dir()
+
+
+def data_source(data: str | Path | None) -> tuple[str, Path | None]:
+    """`--data` → (kind, folder): "kitti:DIR" / "coco:DIR" name the format; a bare folder is KITTI when it
+    has `image_2` (or `training/image_2`), else COCO; None is the bundled COCO subset.
+
+    >>> data_source("kitti:/data/kitti")
+    ('kitti', PosixPath('/data/kitti'))
+    """
+    if data is None:
+        return "coco", None
+    text = str(data)
+    kind, sep, rest = text.partition(":")
+    if sep and kind.lower() in _DATA_KINDS:
+        root = Path(rest).expanduser()
+        if not root.is_dir():
+            raise DataError(f"--data {text}: {root} is not a folder")
+        if kind.lower() == "kitti" and not _is_kitti(root):
+            raise DataError(f"--data {text}: {root} has neither image_2/ nor training/image_2/ (a KITTI folder)")
+        return kind.lower(), root
+    if sep and not Path(text).exists() and len(kind) > 1:
+        raise ConfigError(f"--data {text}: unknown data kind {kind!r}; use kitti:DIR, coco:DIR or a folder")
+    root = Path(text)
+    return ("kitti" if _is_kitti(root) else "coco"), root
 
 
 def _coco(split: str, data: str | Path | None) -> Any:
