@@ -194,3 +194,18 @@ def test_resnet20_integer_matches_fake_quant_on_real_images() -> None:
     _, outs = layer_agreement(qm, lowered, [images])
     fake_out, int_out = outs[0]
     assert float((fake_out.argmax(1) == int_out.argmax(1)).float().mean()) >= 63 / 64
+
+
+@pytest.mark.assets
+def test_cli_export_int_writes_json(tmp_path) -> None:
+    require_asset("weights/cifar10_resnet20.pt")
+    require_asset("cifar10/test")
+    from qdet.cli import main
+
+    out = tmp_path / "r20.json"
+    assert main(["export-int", "resnet20", "--calib-images", "32", "--out", str(out), "--no-progress"]) == 0
+    params = json.loads(out.read_text())
+    assert params["format"] == "qdet-integer/1"
+    add = params["layers"]["layer1.0.add"]
+    assert add["kind"] == "add" and len(add["input_m0"]) == 2 and add["left_shift"] == 20
+    assert all(isinstance(b, int) for b in params["layers"]["conv1"]["bias_int32"])
