@@ -18,8 +18,6 @@ saved config and fills in the tensors; nothing is executed from the file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,11 @@ from torch import nn
 
 from qdet.config import QuantConfig
 from qdet.errors import WeightsError
+from qdet.fileio import write_atomically
 from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes
 from qdet.quant.calibrate import quantizers
-from qdet.quant.qparams import dequantize, quantize as quantize_codes
+from qdet.quant.qparams import dequantize
+from qdet.quant.qparams import quantize as quantize_codes
 from qdet.quant.quantizer import Quantizer
 
 FORMAT = "qdet/1"
@@ -71,16 +71,7 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
         "metrics": json.dumps(qm.metrics, default=str),
         "calibration_batches": str(qm.calibration_batches),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".qdet.tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -16,8 +16,6 @@ boxes of each (after the caller's `postprocess`) and the channel-max map of `lay
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +26,7 @@ from torch import Tensor
 from qdet.analysis.capture import channel_max_map
 from qdet.analysis.points import quant_points, select_points
 from qdet.errors import ConfigError
+from qdet.fileio import write_atomically
 from qdet.qmodel import QuantizedModel
 from qdet.quant.calibrate import quantization_disabled
 
@@ -127,20 +126,6 @@ def plot_detection_frame(frame: DetectionFrame, path: str | Path, *, names: Sequ
     return _save(fig, path)
 
 
-def _atomic_target(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _load_frames(pngs: Sequence[str | Path]) -> list[Any]:
     from PIL import Image
 
@@ -157,7 +142,7 @@ def _load_frames(pngs: Sequence[str | Path]) -> list[Any]:
 def write_gif(pngs: Sequence[str | Path], path: str | Path, *, fps: float = 2.0) -> Path:
     """An animated GIF (looping) of the frame PNGs, all resized to the first frame's size."""
     frames = _load_frames(pngs)
-    return _atomic_target(Path(path), lambda tmp: frames[0].save(
+    return write_atomically(Path(path), lambda tmp: frames[0].save(
         tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0))
 
 
@@ -181,4 +166,4 @@ def write_mp4(pngs: Sequence[str | Path], path: str | Path, *, fps: float = 2.0)
             gen.send(np.ascontiguousarray(np.asarray(f)[:h2, :w2]))
         gen.close()
 
-    return _atomic_target(Path(path), write)
+    return write_atomically(Path(path), write)

@@ -16,8 +16,6 @@ used with the Agg canvas — no pyplot, no global backend switch, safe in thread
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -28,6 +26,7 @@ from torch.nn import functional as F
 from qdet.analysis.capture import CaptureResult
 from qdet.analysis.errors import LayerError, absolute_error, relative_error
 from qdet.errors import ConfigError
+from qdet.fileio import write_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -49,19 +48,8 @@ def _save(fig: "Figure", path: str | Path) -> Path:
     """Write the PNG atomically (a reader never sees half a file) and return its path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _check_layers(cap: CaptureResult, layers: Sequence[str] | None) -> list[str]:

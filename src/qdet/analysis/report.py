@@ -14,17 +14,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from qdet.analysis.capture import CaptureResult, capture_pairs
 from qdet.analysis.errors import LayerError
-from qdet.analysis.plots import pick_layers, plot_activation_maps, plot_error_hexbins, plot_sqnr_bars
+from qdet.analysis.plots import (
+    pick_layers,
+    plot_activation_maps,
+    plot_error_hexbins,
+    plot_sqnr_bars,
+)
 from qdet.analysis.points import quant_points
+from qdet.fileio import write_atomically
 from qdet.qmodel import QuantizedModel
 from qdet.quant.calibrate import default_transform
 from qdet.report.table import format_table
@@ -88,16 +92,11 @@ def _json_safe(v: Any) -> Any:
 
 
 def _atomic_text(path: Path, write: Callable[[Any], None]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             write(fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, to_file)
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:

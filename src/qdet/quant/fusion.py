@@ -7,6 +7,7 @@ so the quantizer sees the weights that will actually run.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -46,11 +47,14 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target))
 
 
-def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
+def fold_batchnorms(gm: fx.GraphModule,
+                    fuse: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Module] | None = None) -> list[str]:
     """Fold every `conv → bn` pair (conv output used only by the bn) in place; returns folded names.
 
-    The conv module is replaced by a fused copy, so a conv shared with other code is never mutated.
+    The conv module is replaced by `fuse(conv, bn)` (default: a BN-folded copy of the conv; QAT
+    passes a module that keeps BN trainable), so a conv shared with other code is never mutated.
     """
+    fuse = fuse or fold_conv_bn
     folded: list[str] = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
@@ -62,7 +66,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[str]:
         conv = _module(gm, src)
         if type(conv) is not nn.Conv2d or len(src.users) != 1 or bn.track_running_stats is False:
             continue
-        _set_submodule(gm, str(src.target), fold_conv_bn(conv, bn))
+        _set_submodule(gm, str(src.target), fuse(conv, bn))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded.append(str(src.target))

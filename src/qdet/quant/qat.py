@@ -22,11 +22,15 @@ from typing import Iterator
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from qdet.errors import CalibrationError
-from qdet.quant.fusion import fold_bn_weights
-from qdet.quant.quantizer import QuantConv2d, QuantLinear, Quantizer, make_weight_quantizer
+from qdet.quant.fusion import fold_batchnorms, fold_bn_weights
+from qdet.quant.quantizer import (
+    QuantConv2d,
+    Quantizer,
+    QuantLinear,
+    make_weight_quantizer,
+)
 
 
 class QATConvBn2d(QuantConv2d):
@@ -93,24 +97,7 @@ class QATConvBn2d(QuantConv2d):
 
 def fold_batchnorms_qat(gm: fx.GraphModule) -> list[str]:
     """Like `fusion.fold_batchnorms`, but keeps BN trainable: conv → bn becomes one QATConvBn2d."""
-    folded: list[str] = []
-    for node in list(gm.graph.nodes):
-        bn = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(bn, nn.BatchNorm2d) or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        src = node.args[0]
-        conv = gm.get_submodule(str(src.target)) if src.op == "call_module" else None
-        if type(conv) is not nn.Conv2d or len(src.users) != 1 or bn.track_running_stats is False:
-            continue
-        parent, _, name = str(src.target).rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, QATConvBn2d.from_conv_bn(conv, bn))
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        folded.append(str(src.target))
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return folded
+    return fold_batchnorms(gm, QATConvBn2d.from_conv_bn)
 
 
 def _weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, Quantizer]]:

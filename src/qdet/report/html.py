@@ -20,10 +20,11 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from qdet.fileio import write_text_atomically
 
 __all__ = ["write_report", "environment_info", "html_table"]
 
@@ -188,18 +189,4 @@ def write_report(
     parts.append('<h2 id="environment">environment</h2>')
     parts.append(html_table([{"key": k, "value": str(v)} for k, v in env.items()]))
     parts.append("</body></html>\n")
-    return _atomic_write(path, "\n".join(parts))
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, "\n".join(parts))

@@ -21,8 +21,6 @@ counts, per activation quantizer, how many output codes differ by 0, 1 or more s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +28,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from qdet.fileio import write_text_atomically
 from qdet.qmodel import QuantizedModel
 from qdet.quant.calibrate import activation_quantizers
 from qdet.quant.integer import M0_BITS
@@ -70,18 +69,7 @@ def integer_params(qmodel: QuantizedModel) -> dict[str, Any]:
 
 def export_integer_params(qmodel: QuantizedModel, path: str | Path) -> Path:
     """Write `integer_params(qmodel)` as JSON to `path` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(integer_params(qmodel), indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_text_atomically(path, json.dumps(integer_params(qmodel), indent=1))
 
 
 @dataclass

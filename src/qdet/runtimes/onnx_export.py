@@ -11,8 +11,6 @@ pairs. Two rewrites then make the file what int8 runtimes expect:
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from qdet.errors import ConfigError, RuntimeUnavailable
+from qdet.fileio import write_atomically
 from qdet.quant.quantizer import Quantizer
 
 OPSET = 17
@@ -95,17 +94,7 @@ def _dynamic_axes(names: list[str], inputs: tuple[torch.Tensor, ...], *, batch: 
 def save_model(model: Any, path: str | Path) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves a half-written model."""
     onnx, _ = _onnx()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
 # ---------------------------------------------------------------- graph rewrites

@@ -1,0 +1,42 @@
+"""Atomic file writes: a reader (or a crash) never sees half a model, report or plot.
+
+Every artefact qdet writes goes through `write_atomically`: the content is written to a temporary
+file in the target folder, then renamed over the target (`os.replace` is atomic on one filesystem).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, then move the temporary file onto `path`; returns `path`.
+
+    The file gets mode 0644 (`mkstemp` creates 0600; reports and models are meant to be shared).
+    On any error the temporary file is removed and `path` is left as it was.
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> write_atomically(d / "a.txt", lambda tmp: tmp.write_text("hi")).read_text()
+        'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)  # keeps the extension: writers pick the format from it
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """`write_atomically` for UTF-8 text."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
