@@ -51,19 +51,26 @@ def quantize(
     With an `adapter`, its regions (what is int8, where the float islands are) and its
     `transform_fn` (the inference preprocessing) are used; otherwise the whole model is one region.
     """
-    regions: Sequence[RegionSpec] = (RegionSpec(),)
-    name = ""
-    if adapter is not None:
-        regions = list(adapter.regions(model))
-        transform_fn = transform_fn or adapter.transform_fn(model)
-        name = adapter.name
-        expected = getattr(adapter, "input_range", None)
-        if expected is not None:
-            calib_data = _checked(calib_data, transform_fn, expected, name)
+    regions, transform, name, calib_data = _adapter_setup(model, calib_data, adapter, transform_fn)
     return _quantize(
-        model, calib_data, cfg, regions=regions, transform_fn=transform_fn or default_transform,
+        model, calib_data, cfg, regions=regions, transform_fn=transform,
         num_batches=num_batches, model_name=name, progress=progress,
     )
+
+
+def _adapter_setup(
+    model: nn.Module, calib_data: Iterable[Any], adapter: ModelAdapter | None,
+    transform_fn: Callable[[Any], Any] | None,
+) -> tuple[Sequence[RegionSpec], Callable[[Any], Any], str, Iterable[Any]]:
+    """Regions, preprocessing and name from `adapter` (one whole-model region without one), and the
+    calibration data wrapped in the adapter's input-range check (mis-normalised data warns)."""
+    if adapter is None:
+        return (RegionSpec(),), transform_fn or default_transform, "", calib_data
+    transform = transform_fn or adapter.transform_fn(model)
+    expected = getattr(adapter, "input_range", None)
+    if expected is not None:
+        calib_data = _checked(calib_data, transform, expected, adapter.name)
+    return list(adapter.regions(model)), transform, adapter.name, calib_data
 
 
 def prepare_qat(
@@ -94,13 +101,7 @@ def prepare_qat(
     cfg = cfg or QuantConfig()
     assert isinstance(cfg.activations, QuantSpec)
     cfg = dataclasses.replace(cfg, activations=dataclasses.replace(cfg.activations, observer=qat.activation_observer))
-    regions: Sequence[RegionSpec] = (RegionSpec(),)
-    name = ""
-    if adapter is not None:
-        regions = list(adapter.regions(model))
-        transform_fn = transform_fn or adapter.transform_fn(model)
-        name = adapter.name
-    transform = transform_fn or default_transform
+    regions, transform, name, calib_data = _adapter_setup(model, calib_data, adapter, transform_fn)
     iterator = iter(calib_data)
     first = next(iterator, None)
     if first is None:
@@ -161,7 +162,7 @@ def _checked(data: Iterable[Any], transform_fn: Callable[[Any], Any], expected: 
     if isinstance(x, torch.Tensor):
         message = check_input_range(x, expected, name)
         if message:
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)
     return itertools.chain([first], it)
 
 
