@@ -175,14 +175,22 @@ def test_export_json_reproduces_the_first_layer(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------ real weights
+@pytest.fixture
+def one_torch_thread():
+    """One thread for this test only (setting it globally would change later tests' float numerics)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.assets
-def test_resnet20_integer_matches_fake_quant_on_real_images() -> None:
+def test_resnet20_integer_matches_fake_quant_on_real_images(one_torch_thread: None) -> None:
     require_asset("weights/cifar10_resnet20.pt")
     require_asset("cifar10/test")
     from qdet import api
     from qdet.data.folders import make_loader, seeded_subset
 
-    torch.set_num_threads(1)
     adapter = api.get_adapter("resnet20")
     data = adapter.eval_dataset()
     qm = api.quantize(adapter.build(), make_loader(seeded_subset(data, 64, seed=0), 32), QuantConfig(),
