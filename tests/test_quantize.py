@@ -50,6 +50,7 @@ def _batches(n=4):
 
 
 def sqnr(ref, test):
+    ref, test = ref.detach(), test.detach()
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean()))
 
 
