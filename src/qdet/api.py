@@ -21,9 +21,15 @@ from torch import nn
 from qdet import artifact
 from qdet.bench.latency import Latency, measure_latency
 from qdet.config import QATConfig, QuantConfig, QuantSpec
-from qdet.errors import CalibrationError, ConfigError
+from qdet.errors import ConfigError
 from qdet.models.base import ModelAdapter, Task
-from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized
+from qdet.qmodel import (
+    QuantizedModel,
+    RegionSpec,
+    build_quantized,
+    example_runner,
+    first_batch,
+)
 from qdet.qmodel import quantize as _quantize
 from qdet.quant.calibrate import default_transform
 from qdet.runtimes.base import get_runtime
@@ -102,16 +108,8 @@ def prepare_qat(
     assert isinstance(cfg.activations, QuantSpec)
     cfg = dataclasses.replace(cfg, activations=dataclasses.replace(cfg.activations, observer=qat.activation_observer))
     regions, transform, name, calib_data = _adapter_setup(model, calib_data, adapter, transform_fn)
-    iterator = iter(calib_data)
-    first = next(iterator, None)
-    if first is None:
-        raise CalibrationError("the QAT calibration set is empty: no batch reached the model")
-
-    def example_run(m: nn.Module) -> Any:
-        inputs = transform(first)
-        return m(*inputs) if isinstance(inputs, tuple) else m(inputs)
-
-    qm = build_quantized(model, regions, cfg, example_run, model_name=name, qat=True)
+    first, iterator = first_batch(calib_data, "QAT calibration set")
+    qm = build_quantized(model, regions, cfg, example_runner(first, transform), model_name=name, qat=True)
     batches = itertools.chain([first], iterator)
     with calibration_mode(qm):
         qm.calibration_batches = run_batches(qm, batches, transform, num_batches=qat.calibration_batches,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,12 @@ from torch.utils import _pytree as pytree
 from qdet.config import QuantConfig
 from qdet.errors import ConfigError
 from qdet.quant.calibrate import calibrate, default_transform
-from qdet.quant.prepare import LayerRecord, PreparedRegion, check_patterns, prepare_region
+from qdet.quant.prepare import (
+    LayerRecord,
+    PreparedRegion,
+    check_patterns,
+    prepare_region,
+)
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,26 @@ def _assemble(
     return qm
 
 
+def first_batch(data: Iterable[Any], what: str) -> tuple[Any, Iterator[Any]]:
+    """The first batch of `data` (it traces the model) and an iterator over the rest; empty data is an error."""
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        from qdet.errors import CalibrationError
+
+        raise CalibrationError(f"the {what} is empty: no batch reached the model")
+    return first, iterator
+
+
+def example_runner(batch: Any, transform_fn: Callable[[Any], Any]) -> Callable[[nn.Module], Any]:
+    """A function running a module on `batch` after the inference preprocessing (for tracing)."""
+    def run(m: nn.Module) -> Any:
+        inputs = transform_fn(batch)
+        return m(*inputs) if isinstance(inputs, tuple) else m(inputs)
+
+    return run
+
+
 def quantize(
     model: nn.Module,
     calib_data: Iterable[Any],
@@ -206,18 +231,8 @@ def quantize(
     torch.Size([2, 4])
     """
     cfg = cfg or QuantConfig()
-    iterator = iter(calib_data)
-    first = next(iterator, None)
-    if first is None:
-        from qdet.errors import CalibrationError
-
-        raise CalibrationError("the calibration set is empty: no batch reached the model")
-
-    def example_run(m: nn.Module) -> Any:
-        inputs = transform_fn(first)
-        return m(*inputs) if isinstance(inputs, tuple) else m(inputs)
-
-    qm = build_quantized(model, regions, cfg, example_run, model_name=model_name)
+    first, iterator = first_batch(calib_data, "calibration set")
+    qm = build_quantized(model, regions, cfg, example_runner(first, transform_fn), model_name=model_name)
     remaining = None if num_batches is None else max(num_batches - 1, 0)
     batches = _chain_first(first, iterator, remaining)
     qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress)

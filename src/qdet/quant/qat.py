@@ -29,6 +29,7 @@ from qdet.quant.quantizer import (
     QuantConv2d,
     Quantizer,
     QuantLinear,
+    copy_conv,
     make_weight_quantizer,
 )
 
@@ -47,13 +48,7 @@ class QATConvBn2d(QuantConv2d):
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "QATConvBn2d":
-        m = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-        )
-        m.weight = nn.Parameter(conv.weight.detach().clone())
-        if conv.bias is not None:
-            m.bias = nn.Parameter(conv.bias.detach().clone())
+        m = copy_conv(cls, conv)
         m.bn = copy.deepcopy(bn)
         m.weight_quant = nn.Identity()  # the quantizer pass replaces it
         m.bn_frozen = False

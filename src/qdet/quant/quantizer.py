@@ -7,6 +7,8 @@ activation quantizers update an EMA observer and their qparams at every training
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -152,6 +154,21 @@ class CastQuantizer(nn.Module):
         return f"{self.layer_name!r}, {self.format.value}"
 
 
+_ConvT = TypeVar("_ConvT", bound=nn.Conv2d)
+
+
+def copy_conv(cls: type[_ConvT], conv: nn.Conv2d) -> _ConvT:
+    """A `cls` instance with `conv`'s geometry and copies of its weight and bias."""
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )
+    new.weight = nn.Parameter(conv.weight.detach().clone())
+    if conv.bias is not None:
+        new.bias = nn.Parameter(conv.bias.detach().clone())
+    return new
+
+
 class QuantConv2d(nn.Conv2d):
     """Conv2d whose weight passes through a quantizer (BN already folded into weight/bias)."""
 
@@ -159,13 +176,7 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quant: nn.Module) -> "QuantConv2d":
-        q = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-        )
-        q.weight = nn.Parameter(conv.weight.detach().clone())
-        if conv.bias is not None:
-            q.bias = nn.Parameter(conv.bias.detach().clone())
+        q = copy_conv(cls, conv)
         q.weight_quant = weight_quant
         return q
 
