@@ -401,6 +401,19 @@ def test_classification_metric_is_top1_in_percent():
     assert metric(nn.Flatten()) == pytest.approx(100 * 7 / 8)
 
 
+def test_classification_metric_breaks_ties_like_evaluate_topk():
+    # Quantized logits tie often; the cached metric must count them as `qdet eval` does.
+    from qdet.analysis.task_metric import classification_metric
+    from qdet.eval.classification import evaluate_topk
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (200, 10), generator=gen).float()  # many rows with tied maxima
+    labels = torch.randint(0, 10, (200,), generator=gen)
+    batches = [(logits[:120], labels[:120]), (logits[120:], labels[120:])]
+    expected = evaluate_topk(nn.Identity(), batches, topk=(1,), progress=False).top1
+    assert classification_metric(batches)(nn.Identity()) == pytest.approx(expected)
+
+
 # ---------------------------------------------------------------- detection frames, GIF, MP4
 def _frame_setup():
     from qdet.analysis.frames import detection_frames

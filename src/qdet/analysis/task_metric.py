@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from qdet.errors import ConfigError
+from qdet.eval.classification import topk_correct
 from qdet.models.base import Task
 
 __all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "task_metric"]
@@ -58,7 +59,7 @@ class classification_metric(TaskMetric):
             for x, y in self.batches:
                 out = model(x)
                 logits = out[0] if isinstance(out, (tuple, list)) else out
-                correct += int((torch.as_tensor(logits).argmax(1) == y).sum())
+                correct += topk_correct(torch.as_tensor(logits), y, (1,))[1]
         return 100.0 * correct / self.n
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qdet.errors import ConfigError, DataError
 
-__all__ = ["TopKResult", "evaluate_topk"]
+__all__ = ["TopKResult", "evaluate_topk", "topk_correct"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,20 @@ class TopKResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> dict[int, int]:
+    """How many rows of (B, C) `logits` have their label among the top k, for each k in `ks`.
+
+    The one place that decides ties: quantized logits often tie, and `torch.topk` and `argmax`
+    may pick different indices among equal values, so every top-k count in qdet comes from here.
+
+    >>> topk_correct(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]), (1, 2))
+    {1: 1, 2: 2}
+    """
+    kmax = min(max(ks), logits.shape[1])
+    hits = logits.topk(kmax, dim=1).indices == labels.to(logits.device).reshape(-1, 1)  # (B, kmax)
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
 
 
 def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader: Iterable[Any], *,
@@ -69,11 +83,8 @@ def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader
                 labels = torch.as_tensor(labels).to(logits.device).reshape(-1)
                 if logits.shape[0] != labels.shape[0]:
                     raise ConfigError(f"model returned {logits.shape[0]} rows of logits for a batch of {labels.shape[0]}")
-                kmax = min(max(ks), logits.shape[1])
-                top = logits.topk(kmax, dim=1).indices  # (B, kmax)
-                hits = top == labels[:, None]  # (B, kmax)
-                for k in ks:
-                    correct[k] += int(hits[:, :k].any(dim=1).sum())
+                for k, hits in topk_correct(logits, labels, ks).items():
+                    correct[k] += hits
                 n += labels.shape[0]
                 if bar is not None:
                     bar.set_postfix({f"top{ks[0]}": f"{100.0 * correct[ks[0]] / n:.2f}"})
