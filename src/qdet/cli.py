@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8 boxes and a layer's maps beneath, plus frames.gif (and frames.mp4 with imageio-ffmpeg)")
     a.add_argument("--frame-layer", help="layer whose maps the frames show (default: the most sensitive one "
                                          "when --sensitivity ran, else a layer half-way through the model)")
+    a.add_argument("--overlay", action="store_true",
+                   help="draw the activation maps semi-transparent over the input image instead of beside it")
 
     b = sub.add_parser("bench", help="size and latency, float vs int8, in one run", description="Size on disk and median latency of float and int8 on the same inputs and thread count.")
     _add_common(b)
@@ -269,7 +271,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{args.model}/analysis")
     images = _frames(args, adapter, qm, out, extra) if args.frames else []
     rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
-                  title=f"qdet analysis: {args.model}", progress=opts.progress)
+                  title=f"qdet analysis: {args.model}", overlay=args.overlay, progress=opts.progress)
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
