@@ -25,3 +25,13 @@ def test_quantize_warns_on_mismatched_calibration_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         api.quantize(model, normalised, QuantConfig(), adapter=adapter, progress=False)
+
+
+def test_benchmark_times_models_round_robin_on_the_same_inputs():
+    calls: list[tuple[str, object]] = []
+    x = torch.zeros(2)
+    models = {name: ("torch", (lambda inp, name=name: calls.append((name, inp))), None) for name in ("a", "b")}
+    rows = api.benchmark(models, (x,), threads=1, warmup=1, repeats=3, progress=False)
+    assert [r.name for r in rows] == ["a", "b"] and all(r.latency.repeats == 3 for r in rows)
+    assert all(inp is x for _, inp in calls)
+    assert [n for n, _ in calls[2:]] == ["a", "b"] * 3  # after one warm-up each: interleaved rounds

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qdet import artifact
-from qdet.bench.latency import Latency, measure_latency
+from qdet.bench.latency import Latency, measure_latencies
 from qdet.config import QATConfig, QuantConfig, QuantSpec
 from qdet.errors import ConfigError
 from qdet.models.base import ModelAdapter, Task
@@ -210,16 +210,15 @@ def benchmark(
     repeats: int = 20,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Time each model on the same `inputs` with the same thread count, in one run.
+    """Time each model on the same `inputs` with the same thread count, in one run, round-robin
+    (each repeat calls every model once), so load changes on a shared machine hit all of them alike.
 
     `models`: label → (runtime name, callable, size in MB or None).
     """
-    rows = []
-    for label, (runtime, fn, size) in models.items():
-        lat = measure_latency(lambda fn=fn: fn(*inputs), threads=threads, warmup=warmup, repeats=repeats,
-                              progress=progress, desc=f"timing {label}")
-        rows.append(BenchRow(label, runtime, size, lat))
-    return rows
+    calls = {label: (lambda fn=fn: fn(*inputs)) for label, (_, fn, _) in models.items()}
+    lat = measure_latencies(calls, threads=threads, warmup=warmup, repeats=repeats, progress=progress,
+                            desc=f"timing {len(calls)} models")
+    return [BenchRow(label, runtime, size, lat[label]) for label, (runtime, _, size) in models.items()]
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | Path, *, quantized: bool = True) -> Path:

@@ -1,4 +1,8 @@
-"""Latency measurement: warm-up, pinned thread count, median and p90 over repeats."""
+"""Latency measurement: warm-up, pinned thread count, median and p90 over repeats.
+
+`measure_latencies` times several models round-robin (one call of each per round), so a load
+spike or clock drift on a shared machine hits every model alike and the ratios stay meaningful.
+"""
 from __future__ import annotations
 
 import statistics
@@ -45,14 +49,39 @@ def measure_latency(
     desc: str = "timing",
 ) -> Latency:
     """Time `fn()` (which must run the model on fixed inputs) `repeats` times after `warmup` calls."""
-    times: list[float] = []
+    return measure_latencies({desc: fn}, threads=threads, warmup=warmup, repeats=repeats, progress=progress,
+                             desc=desc)[desc]
+
+
+def measure_latencies(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    threads: int,
+    warmup: int = 3,
+    repeats: int = 20,
+    progress: bool = False,
+    desc: str = "timing",
+) -> dict[str, Latency]:
+    """Time every `fns[label]()` `repeats` times, interleaved: each round calls each model once.
+
+    >>> lat = measure_latencies({"a": lambda: None, "b": lambda: sum(range(100))}, threads=1, repeats=3)
+    >>> sorted(lat), lat["a"].repeats
+    (['a', 'b'], 3)
+    """
+    times: dict[str, list[float]] = {label: [] for label in fns}
     with torch_threads(threads), torch.no_grad():
-        for _ in range(warmup):
-            fn()
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
         for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
+            for label, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[label].append((time.perf_counter() - t0) * 1000.0)
+    return {label: _summary(ts, threads) for label, ts in times.items()}
+
+
+def _summary(times: list[float], threads: int) -> Latency:
+    times = sorted(times)
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(statistics.median(times), p90, statistics.fmean(times), repeats, threads)
+    return Latency(statistics.median(times), p90, statistics.fmean(times), len(times), threads)
