@@ -184,3 +184,19 @@ def test_qat_cli_help_states_the_split_and_the_defaults_agree_with_qatconfig(cap
     assert "train2017" in out and "val2017" in out and "--img-size" in out
     args = build_parser().parse_args(["qat", "yolov5n"])
     assert args.freeze_bn == QATConfig().freeze_bn_after == 1
+
+
+def test_faster_rcnn_built_from_weights_marks_backbone_bn_frozen_like_torchvision(tmp_path):
+    """torchvision makes the v1/MobileNet backbone BN FrozenBatchNorm2d for trained weights; the adapter
+    marks them so that QAT does not retrain statistics the weights were trained without."""
+    from qdet.models import REGISTRY
+    from qdet.quant.fusion import is_frozen_batchnorm
+
+    adapter = REGISTRY.get("fasterrcnn_mobilenet_v3_large_fpn")
+    random = adapter.build(weights="random", min_size=64, max_size=64)
+    assert not any(is_frozen_batchnorm(m) for m in random.modules())
+    path = tmp_path / "w.pth"
+    torch.save(random.state_dict(), path)
+    loaded = adapter.build(weights=path, min_size=64, max_size=64)
+    bns = [m for m in loaded.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(is_frozen_batchnorm(m) and not m.weight.requires_grad for m in bns)
