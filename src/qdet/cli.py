@@ -152,6 +152,8 @@ def _add_qat_parser(sub: Any) -> None:
                     "               box/objectness/class loss; COCO mAP on the val2017 images (bundled: 158)\n"
                     "  Faster R-CNN no CLI recipe: qdet.prepare_qat + a loop over torchvision's losses + "
                     "qdet.convert\n\n"
+                    "PTQ and the QAT initial ranges calibrate on a seeded --calib-images subset of the same "
+                    "training images.\n"
                     "Training defaults depend on the task (classifier / detector): --steps 300 / 200, "
                     "--batch-size 64 / 8,\n"
                     "--lr 1e-4 / 1e-5, --freeze-observers 250 / 100.",
