@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from qdet import api
+from qdet.bench.latency import torch_threads
 from qdet.config import QATConfig, QuantConfig
 from qdet.data.folders import seeded_split
 from qdet.errors import ConfigError
-from qdet.bench.latency import torch_threads
 from qdet.jobs import JobOptions, JobResult, calibration_loader
 from qdet.models.base import Task
 from qdet.qmodel import QuantizedModel

@@ -14,7 +14,6 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-
 # Set on an nn.BatchNorm2d that stands in for a FrozenBatchNorm2d (`rcnn.views.unfreeze_batchnorm`):
 # QAT must then never normalise with batch statistics nor update the running ones.
 FROZEN_STATISTICS = "frozen_statistics"
