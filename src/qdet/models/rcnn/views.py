@@ -158,7 +158,7 @@ def check_quantizable(model: nn.Module) -> None:
     if not isinstance(model.roi_heads.box_predictor, TraceableFastRCNNPredictor):
         problems.append("roi_heads.box_predictor is not traceable")
     if any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
-        problems.append("FrozenBatchNorm2d would not be folded")
+        problems.append("FrozenBatchNorm2d not replaced by BatchNorm2d")
     if problems:
         raise ConfigError("model is not prepared for quantization (" + "; ".join(problems) + "): build it with "
                           "the adapter's build(), or call qdet.models.rcnn.make_quantizable(model) first")
