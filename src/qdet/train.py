@@ -5,6 +5,12 @@ Any loop works with a `prepare_qat` model; this one only adds the schedule and a
     qat_model = qdet.prepare_qat(model, calib_loader, cfg, adapter=adapter)
     log = train_qat(qat_model, train_loader, classification_loss, steps=300, lr=1e-4)
     qmodel = qdet.convert(qat_model)
+
+Detectors: `qdet qat yolov5n` trains the quantized body on qdet's YOLOv5 loss (`qat_jobs.yolo_recipe`).
+A torchvision Faster R-CNN returns its own loss dict in train mode, so (images, targets) batches suffice:
+
+    log = train_qat(qat_model, loader, lambda losses, _: sum(losses.values()), steps=100,
+                    transform_fn=lambda batch: (batch[0], batch[1]))
 """
 from __future__ import annotations
 

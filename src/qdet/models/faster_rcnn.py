@@ -59,6 +59,8 @@ _MODEL_OPTIONS = (
     "rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh", "box_detections_per_img",
     "trainable_backbone_layers",
 )
+# Builders whose backbone BN torchvision makes FrozenBatchNorm2d whenever weights are loaded (v2 trains its BN).
+_FROZEN_BN_WHEN_TRAINED = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
 # COCO category id → KITTI class, for evaluating COCO-trained weights on KITTI (person → Pedestrian, ...).
 # Approximate: a COCO "bicycle" box covers the bike, a KITTI "Cyclist" box the bike and its rider.
 COCO_TO_KITTI: dict[int, str] = {1: "Pedestrian", 2: "Cyclist", 3: "Car", 8: "Truck", 7: "Tram"}
@@ -88,6 +90,20 @@ def images_of(batch: Any) -> list[Tensor]:
                     "tensors in [0, 1] or (images, targets)")
 
 
+def _mark_backbone_bn_frozen(model: nn.Module) -> int:
+    """Mark the backbone's BN frozen (as torchvision's FrozenBatchNorm2d for trained weights): QAT then
+    folds them with their running statistics from the first step and leaves γ, β fixed. PTQ and
+    inference are unaffected (eval mode). Returns how many were marked."""
+    from qdet.quant.fusion import mark_frozen
+
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        mark_frozen(bn)
+        bn.weight.requires_grad_(False)
+        bn.bias.requires_grad_(False)
+    return len(bns)
+
+
 def _upgrade_legacy_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """torchvision < 0.13 checkpoints (the COCO v1 file) name the RPN conv `rpn.head.conv.weight`."""
     out = {}
@@ -104,7 +120,9 @@ class FasterRCNNAdapter:
     `build(weights)`: weights is a state-dict file (torchvision COCO weights, or your own checkpoint:
     pass `num_classes` when it differs from 91), a torchvision weights name ("DEFAULT", "COCO_V1";
     downloads, WeightsError offline), "random", or None (random + warning). The returned model is
-    already `make_quantizable` (BN unfrozen, traceable head views) and in eval mode.
+    already `make_quantizable` (BN unfrozen, traceable head views) and in eval mode. With loaded
+    weights, the v1 ResNet50 and MobileNetV3 backbones' BN are marked frozen, as torchvision builds
+    them (FrozenBatchNorm2d): QAT keeps their statistics and affine fixed.
     """
 
     name: str
@@ -141,6 +159,8 @@ class FasterRCNNAdapter:
             else:
                 state, source = load_state_dict_file(weights, expected_keys_from=model), str(weights)
             load_into(model, _upgrade_legacy_keys(state), source=source, model_name=self.name)
+            if self.name in _FROZEN_BN_WHEN_TRAINED:
+                _mark_backbone_bn_frozen(model)
         if bn_eps is not None:
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm2d):

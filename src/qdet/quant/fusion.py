@@ -2,7 +2,8 @@
 
 Folding BN into the preceding conv is exact in float (up to rounding):
     w' = w · γ / √(σ² + ε)          b' = (b − μ) · γ / √(σ² + ε) + β
-so the quantizer sees the weights that will actually run.
+so the quantizer sees the weights that will actually run. torchvision's `FrozenBatchNorm2d` (the
+statistics and affine of pretrained detection backbones, fixed by definition) folds the same way.
 """
 from __future__ import annotations
 
@@ -13,11 +14,47 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+# Set on an nn.BatchNorm2d that stands in for a FrozenBatchNorm2d (`rcnn.views.unfreeze_batchnorm`):
+# QAT must then never normalise with batch statistics nor update the running ones.
+FROZEN_STATISTICS = "frozen_statistics"
+
+
+def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
+    """BN module types whose statistics never change (torchvision's FrozenBatchNorm2d when installed)."""
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:  # torchvision is optional for classifiers without it
+        return ()
+    return (FrozenBatchNorm2d,)
+
+
+def is_frozen_batchnorm(bn: nn.Module) -> bool:
+    """A FrozenBatchNorm2d, or a BatchNorm2d marked as standing in for one.
+
+    >>> bn = nn.BatchNorm2d(4)
+    >>> is_frozen_batchnorm(bn), is_frozen_batchnorm(mark_frozen(bn))
+    (False, True)
+    """
+    return isinstance(bn, frozen_batchnorm_types()) or bool(getattr(bn, FROZEN_STATISTICS, False))
+
+
+def mark_frozen(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Mark `bn` as frozen (statistics and affine fixed); returns it."""
+    setattr(bn, FROZEN_STATISTICS, True)
+    return bn
+
+
+def _foldable_bn(module: nn.Module | None) -> bool:
+    if isinstance(module, nn.BatchNorm2d):
+        return module.track_running_stats is not False  # without running statistics it cannot fold
+    return module is not None and isinstance(module, frozen_batchnorm_types())
+
 
 def fold_bn_weights(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (weight, bias) of the conv with `bn` folded in; weight is (C_out, ...)."""
+    """Return (weight, bias) of the conv with `bn` (BatchNorm2d or FrozenBatchNorm2d) folded in;
+    weight is (C_out, ...)."""
     assert bn.running_mean is not None and bn.running_var is not None
     inv_std = torch.rsqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
@@ -28,7 +65,7 @@ def fold_bn_weights(
     return w, (b - bn.running_mean) * factor + beta
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """A new Conv2d (with bias) equal to bn(conv(x)) in eval mode."""
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -48,8 +85,9 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def fold_batchnorms(gm: fx.GraphModule,
-                    fuse: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Module] | None = None) -> list[str]:
-    """Fold every `conv → bn` pair (conv output used only by the bn) in place; returns folded names.
+                    fuse: Callable[[nn.Conv2d, nn.Module], nn.Module] | None = None) -> list[str]:
+    """Fold every `conv → bn` pair (conv output used only by the bn; BatchNorm2d with running
+    statistics or FrozenBatchNorm2d, traced as a leaf by `prepare.trace`) in place; returns folded names.
 
     The conv module is replaced by `fuse(conv, bn)` (default: a BN-folded copy of the conv; QAT
     passes a module that keeps BN trainable), so a conv shared with other code is never mutated.
@@ -58,13 +96,13 @@ def fold_batchnorms(gm: fx.GraphModule,
     folded: list[str] = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
-        if not isinstance(bn, nn.BatchNorm2d) or not node.args:
+        if not _foldable_bn(bn) or not node.args:
             continue
         src = node.args[0]
         if not isinstance(src, fx.Node):
             continue
         conv = _module(gm, src)
-        if type(conv) is not nn.Conv2d or len(src.users) != 1 or bn.track_running_stats is False:
+        if type(conv) is not nn.Conv2d or len(src.users) != 1:
             continue
         _set_submodule(gm, str(src.target), fuse(conv, bn))
         node.replace_all_uses_with(src)

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
-from qdet.quant.fusion import decompose_silu, fold_batchnorms
+from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
@@ -84,7 +84,9 @@ class _LeafTracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        # FrozenBatchNorm2d stays one node, so that the conv-BN fold finds it
+        leaf = self.leaf_types + frozen_batchnorm_types()
+        return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
 
 
 def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from qdet.errors import CalibrationError
-from qdet.quant.fusion import fold_batchnorms, fold_bn_weights
+from qdet.quant.fusion import fold_batchnorms, fold_bn_weights, is_frozen_batchnorm, mark_frozen
 from qdet.quant.quantizer import (
     QuantConv2d,
     Quantizer,
@@ -47,11 +47,14 @@ class QATConvBn2d(QuantConv2d):
     bn: nn.BatchNorm2d
 
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "QATConvBn2d":
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module) -> "QATConvBn2d":
+        """`bn`: a BatchNorm2d (trained until the schedule freezes it), or a FrozenBatchNorm2d / a
+        BatchNorm2d marked frozen, whose statistics and affine stay fixed from the start."""
         m = copy_conv(cls, conv)
-        m.bn = copy.deepcopy(bn)
+        frozen = is_frozen_batchnorm(bn)
+        m.bn = _as_frozen_batchnorm2d(bn) if frozen else copy.deepcopy(bn)
         m.weight_quant = nn.Identity()  # the quantizer pass replaces it
-        m.bn_frozen = False
+        m.bn_frozen = frozen
         return m.train(bn.training)  # a fresh module is in train mode: shape propagation would update BN
 
     def _factor(self) -> torch.Tensor:
@@ -90,6 +93,21 @@ class QATConvBn2d(QuantConv2d):
         return QuantConv2d.from_float(conv, make_weight_quantizer(conv.weight, spec_q.spec, spec_q.layer_name))
 
 
+def _as_frozen_batchnorm2d(bn: nn.Module) -> nn.BatchNorm2d:
+    """A BatchNorm2d copy of a frozen BN with its affine not trainable (torchvision trains neither)."""
+    assert bn.running_var is not None and bn.running_mean is not None
+    out = nn.BatchNorm2d(bn.running_var.numel(), eps=float(bn.eps), device=bn.running_var.device,
+                         dtype=bn.running_var.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, name, None)
+            if src is not None:
+                getattr(out, name).copy_(src)
+    out.weight.requires_grad_(False)
+    out.bias.requires_grad_(False)
+    return mark_frozen(out).train(bn.training)
+
+
 def fold_batchnorms_qat(gm: fx.GraphModule) -> list[str]:
     """Like `fusion.fold_batchnorms`, but keeps BN trainable: conv → bn becomes one QATConvBn2d."""
     return fold_batchnorms(gm, QATConvBn2d.from_conv_bn)
@@ -123,7 +141,8 @@ def start_qat(model: nn.Module) -> None:
 
 
 def freeze_bn(model: nn.Module) -> int:
-    """Stop BN statistics: every QATConvBn2d folds with its running statistics from now on."""
+    """Stop BN statistics: every QATConvBn2d folds with its running statistics from now on (frozen
+    BN, e.g. torchvision's FrozenBatchNorm2d, already does from the start)."""
     count = 0
     for m in model.modules():
         if isinstance(m, QATConvBn2d):

@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
 from qdet.errors import ConfigError
+from qdet.quant.fusion import mark_frozen
 
 __all__ = [
     "TraceableFastRCNNPredictor",
@@ -66,8 +67,9 @@ def unfreeze_batchnorm(model: nn.Module) -> int:
     """Replace every `FrozenBatchNorm2d` with an eval-mode `nn.BatchNorm2d` holding the same numbers.
 
     Equal in eval mode (both compute (x − μ)·γ/√(σ² + ε) + β), and the conv-BN fold then applies.
-    Returns how many were replaced. The model must stay in eval mode: in train mode a BatchNorm2d
-    would update its statistics where the frozen one did not.
+    Returns how many were replaced. The replacements are marked frozen (`fusion.mark_frozen`): QAT
+    folds them with their running statistics from the first step. Outside QAT the model must stay
+    in eval mode: in train mode a BatchNorm2d would update its statistics where the frozen one did not.
 
     >>> from torchvision.ops.misc import FrozenBatchNorm2d
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4))
@@ -88,7 +90,7 @@ def unfreeze_batchnorm(model: nn.Module) -> int:
                 bn.running_var.copy_(child.running_var)
             bn.weight.requires_grad_(False)
             bn.bias.requires_grad_(False)
-            setattr(model, name, bn.eval())
+            setattr(model, name, mark_frozen(bn).eval())  # QAT keeps its statistics fixed
             count += 1
         else:
             count += unfreeze_batchnorm(child)
@@ -156,7 +158,7 @@ def check_quantizable(model: nn.Module) -> None:
     if not isinstance(model.roi_heads.box_predictor, TraceableFastRCNNPredictor):
         problems.append("roi_heads.box_predictor is not traceable")
     if any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
-        problems.append("FrozenBatchNorm2d would not be folded")
+        problems.append("FrozenBatchNorm2d not replaced by BatchNorm2d")
     if problems:
         raise ConfigError("model is not prepared for quantization (" + "; ".join(problems) + "): build it with "
                           "the adapter's build(), or call qdet.models.rcnn.make_quantizable(model) first")
