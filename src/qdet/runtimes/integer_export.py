@@ -24,7 +24,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from qdet.quant.integer import M0_BITS
 from qdet.quant.quantizer import Quantizer
 from qdet.runtimes.integer import ADD_SHIFT, IntegerRegion, IntegerRuntime
 
-FORMAT = "qdet-integer/1"
+FORMAT = "qdet-integer/2"  # /2: an add with its own output quantizer rounds once (no left_shift)
 
 
 def integer_regions(lowered: nn.Module) -> list[IntegerRegion]:
@@ -114,7 +114,7 @@ class _FakeCodes:
     def _hook(self, q: nn.Module, _args: Any, out: torch.Tensor) -> None:
         assert isinstance(q, Quantizer)
         codes = torch.round(out.detach().to(torch.float64) / q.scale.to(torch.float64)) + int(q.zero_point)
-        self.codes[q.layer_name] = codes.to(torch.int64)
+        self.codes[q.layer_name] = codes.to(torch.int32)  # codes of up to 16 bits; half of int64's memory
 
     def close(self) -> None:
         for h in self.handles:
@@ -148,17 +148,21 @@ def layer_agreement(
     stats: dict[str, LayerAgreement] | None = None,
     *,
     teacher_forced: bool = False,
-) -> tuple[dict[str, LayerAgreement], list[tuple[torch.Tensor, torch.Tensor]]]:
+    also: Sequence[tuple[QuantizedModel, dict[str, LayerAgreement]]] = (),
+) -> tuple[dict[str, LayerAgreement], list[tuple[torch.Tensor, ...]]]:
     """Run both on each input (a tensor or tuple of tensors); per-layer stats and (fake, integer) outputs.
 
     End to end (default) a 1-step difference early on propagates into every later layer. With
     `teacher_forced` every integer layer reads the fake-quant codes of its inputs, so each layer's
     numbers measure that one op's integer arithmetic against its float simulation. `qmodel` may be
     a `float64_reference` (its inputs are cast to float64; the integer runtime gets them as given).
+    `also`: more (reference, stats) pairs compared with the same integer run; their outputs follow
+    in each output tuple, (fake, integer, *also). Teacher forcing reads `qmodel`'s codes.
     """
     stats = {} if stats is None else stats
     regions = integer_regions(lowered)
     hooks = _FakeCodes(qmodel.model)
+    others = [(_FakeCodes(ref.model), ref, st) for ref, st in also]
     outputs = []
     try:
         for x in inputs:
@@ -167,18 +171,24 @@ def layer_agreement(
                 r.record = {}
             with torch.no_grad():
                 fake_out = qmodel(*_as_reference_dtype(qmodel.model, args))
+                other_outs = [ref(*_as_reference_dtype(ref.model, args)) for _, ref, _ in others]
                 for r in regions:
                     r.teacher = hooks.codes if teacher_forced else None
                 int_out = lowered(*args)
-            outputs.append((fake_out, int_out))
+            outputs.append((fake_out, int_out, *other_outs))
             for r in regions:
                 assert r.record is not None
                 for name, codes in r.record.items():
-                    if name in hooks.codes:
-                        stats.setdefault(name, LayerAgreement(name)).add(hooks.codes[name], codes)
-            hooks.codes.clear()
+                    for h, st in [(hooks, stats)] + [(h, st) for h, _, st in others]:
+                        if name in h.codes:
+                            st.setdefault(name, LayerAgreement(name)).add(h.codes[name], codes)
+                r.record = {}  # drop this batch's codes now, not at the next batch
+            for h in [hooks] + [h for h, _, _ in others]:
+                h.codes.clear()
     finally:
         hooks.close()
+        for h, _, _ in others:
+            h.close()
         for r in regions:
             r.record = None
             r.teacher = None
