@@ -164,6 +164,29 @@ def test_float64_simulation_equals_integer_runtime_on_every_code() -> None:
         assert s.equal == s.elements, s
 
 
+class _TwoConvAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3)
+        self.c2 = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c1(x) + self.c2(x)
+
+
+def test_add_without_output_quantizer_uses_the_shared_2_20_grid() -> None:
+    torch.manual_seed(0)
+    qm = quantize(_TwoConvAdd().eval(), [torch.randn(4, 3, 8, 8) for _ in range(2)],
+                  QuantConfig(quantize_outputs=False), progress=False)
+    add = integer_params(qm)["layers"]["add"]
+    assert add["kind"] == "add" and add["left_shift"] == 20 and "output_scale" not in add
+    x = torch.randn(4, 3, 8, 8)
+    lowered = get_runtime("integer").lower(qm)
+    # the float add result, on a grid 2^-20 of the larger input step: equal up to float32 round-off
+    with torch.no_grad():
+        assert float((qm(x) - lowered(x)).abs().max()) <= 2 * add["accumulator_scale"] + 1e-6
+
+
 def test_unsupported_op_names_the_node() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish()).eval()
