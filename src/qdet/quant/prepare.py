@@ -35,6 +35,7 @@ from qdet.quant.quantizer import (
     QuantLinear,
     Quantizer,
     TiedQuantizer,
+    link_input_quantizer,
     make_weight_quantizer,
 )
 
@@ -264,6 +265,8 @@ class _Inserter:
             self._quantize_weight(node, mod, name, fmt)
         if kind in ("conv", "linear", "add", "cat", "mul") and fmt is not Format.FLOAT:
             self.ensure_input_quantized(node)
+        if kind in ("conv", "linear") and fmt is not Format.FLOAT and node.args and isinstance(node.args[0], fx.Node):
+            link_input_quantizer(self.gm.get_submodule(str(node.target)), self.source_q.get(node.args[0]))
         out_node = node
         act = _single_fused_activation_user(self.gm, node, self.cfg.fuse_silu) if kind in ("conv", "linear", "add") else None
         if act is not None:

@@ -169,8 +169,42 @@ def copy_conv(cls: type[_ConvT], conv: nn.Conv2d) -> _ConvT:
     return new
 
 
+def link_input_quantizer(mod: nn.Module, source: "Quantizer | None") -> None:
+    """Tell a QuantConv2d/QuantLinear which quantizer's grid its input is on (for `grid_bias`).
+
+    Held without registering it (like TiedQuantizer.source): it is another layer's submodule.
+    """
+    object.__setattr__(mod, "input_quant", source)
+
+
+def grid_bias(mod: "QuantConv2d | QuantLinear") -> torch.Tensor | None:
+    """The bias an integer kernel adds: b rounded onto the int32 accumulator grid S_x · S_w.
+
+    Every int8 runtime (and the `integer` runtime) adds round(b / (S_x·S_w)) to the int32
+    accumulator, so the simulation adds exactly that value too; otherwise a per-channel offset of
+    up to half an accumulator step moves near-tie outputs to the neighbouring code. The rounding is
+    computed in float64 like the integer runtime's and passed straight through for gradients
+    (QAT). The float bias is used while the grids are not known yet (calibration), when either
+    quantizer is off, for per-channel inputs, and while exporting (ONNX runtimes round it themselves).
+    """
+    b = mod.bias
+    xq, wq = getattr(mod, "input_quant", None), getattr(mod, "weight_quant", None)
+    if b is None or not isinstance(xq, Quantizer) or not isinstance(wq, Quantizer):
+        return b
+    if not (xq.enabled and xq.calibrated and wq.enabled and (wq.calibrated or wq.dynamic)):
+        return b
+    if xq.exporting or wq.exporting or xq.scale.numel() != 1:
+        return b
+    step = xq.scale.detach().to(torch.float64).reshape(()) * wq.scale.detach().to(torch.float64).reshape(-1)
+    snapped = (torch.round(b.detach().to(torch.float64) / step) * step).to(b.dtype)
+    return b + (snapped - b.detach())
+
+
 class QuantConv2d(nn.Conv2d):
-    """Conv2d whose weight passes through a quantizer (BN already folded into weight/bias)."""
+    """Conv2d whose weight passes through a quantizer (BN already folded into weight/bias).
+
+    The bias is the int32-grid one (`grid_bias`) once the input quantizer is linked and calibrated.
+    """
 
     weight_quant: nn.Module
 
@@ -181,11 +215,11 @@ class QuantConv2d(nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(x, self.weight_quant(self.weight), grid_bias(self))
 
 
 class QuantLinear(nn.Linear):
-    """Linear whose weight passes through a quantizer."""
+    """Linear whose weight passes through a quantizer; int32-grid bias like QuantConv2d."""
 
     weight_quant: nn.Module
 
@@ -199,7 +233,7 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.bias)
+        return F.linear(x, self.weight_quant(self.weight), grid_bias(self))
 
 
 def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec, name: str) -> Quantizer:

@@ -8,7 +8,9 @@ integers on a `Grid` — *codes* (uint8/int8 per tensor, with a zero point) or a
     Quantizer on a float value     → codes = sat(round(x / S) + Z)         (the region's input edge)
     QuantConv2d / QuantLinear      → acc = Σ (q_x − Z_x)·q_w + b_q          int32, grid S_x·S_w
     ReLU / ReLU6                   → clamp at 0 (acc) or at Z (codes)
-    add of two codes               → acc = round((q1−Z1)·2^20·M1) + round((q2−Z2)·2^20·M2),
+    add of two codes, then (ReLU)  → codes = sat(Z + round((q1−Z1)·M1 + (q2−Z2)·M2)), M_i = S_i / S_out,
+      and its output quantizer       rounded once, exactly in int64 (`_add_to_codes`)
+    any other add of two codes     → acc = round((q1−Z1)·2^20·M1) + round((q2−Z2)·2^20·M2),
                                      M_i = S_i / (2·max S), grid 2·max S / 2^20 (gemmlowp-style)
     average pool                   → acc = Σ (q − Z) over the window, grid S / window
     Quantizer on an IntValue       → requantize: sat(Z_out + round(acc · M0 · 2^-n))
@@ -201,6 +203,7 @@ class IntegerRegion(nn.Module):
     def forward(self, *args: Any) -> Any:
         env: dict[fx.Node, Any] = {}
         placeholders = iter(args)
+        last_use = self._last_uses()
         with torch.no_grad():
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
@@ -215,7 +218,26 @@ class IntegerRegion(nn.Module):
                     handler = self._handler(node)
                     assert handler is not None  # _check_supported
                     env[node] = handler(node, list(a), dict(kw))
+                # free every value whose last reader has run: peak memory is a few layers, not all of them
+                for dead in last_use.get(node, ()):
+                    env.pop(dead, None)
         raise ConfigError(f"region {self.path!r} has no output node")
+
+    def _last_uses(self) -> dict[fx.Node, list[fx.Node]]:
+        """node → the values it is the last reader of (the output node frees nothing)."""
+        if ("last_use",) not in self._cache:
+            seen: set[fx.Node] = set()
+            frees: dict[fx.Node, list[fx.Node]] = {}
+            for node in reversed(list(self.gm.graph.nodes)):
+                if node.op == "output":
+                    seen.update(node.all_input_nodes)
+                    continue
+                for arg in node.all_input_nodes:
+                    if arg not in seen:
+                        seen.add(arg)
+                        frees.setdefault(node, []).append(arg)
+            self._cache[("last_use",)] = frees
+        return self._cache[("last_use",)]
 
     def _cached(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -338,6 +360,11 @@ class IntegerRegion(nn.Module):
         if not (isinstance(a, IntValue) and isinstance(b, IntValue)) or a.grid.acc or b.grid.acc:
             raise ConfigError(f"region {self.path!r}, node {node.name!r}: the integer runtime adds two quantized "
                               "values only (quantize with residual=quantized_add, not fuse_conv_add)")
+        out_q = _add_output_quantizer(self.gm, node)
+        if out_q is not None:
+            exact = self._add_to_codes(node, a, b, _codes_grid(out_q))
+            if exact is not None:
+                return exact
         twice_max = 2 * torch.maximum(a.grid.scale, b.grid.scale)
         out_scale = twice_max / 2**ADD_SHIFT
 
@@ -354,6 +381,37 @@ class IntegerRegion(nn.Module):
         sa = multiply_by_quantized_multiplier((a.data - a.grid.zero_point) * 2**ADD_SHIFT, m0a, na)
         sb = multiply_by_quantized_multiplier((b.data - b.grid.zero_point) * 2**ADD_SHIFT, m0b, nb)
         return IntValue(sa + sb, _accumulator_grid(out_scale))
+
+    def _add_to_codes(self, node: fx.Node, a: IntValue, b: IntValue, out: Grid) -> IntValue | None:
+        """Add straight onto the output quantizer's grid, rounding once (None if it cannot be exact).
+
+        q_out = sat(Z + round((q1 − Z1)·M1 + (q2 − Z2)·M2)), M_i = S_i / S_out = M0_i · 2^-n_i: both
+        terms are brought to the larger shift n exactly, (q_i − Z_i)·M0_i·2^(n − n_i), summed and
+        shifted right by n once. That is the fake-quant add (a + b, then round to S_out) up to the
+        31-bit multipliers; rounding each input to a 2^-20 grid first (the fallback) moves near-tie
+        sums. A ReLU between add and quantizer commutes: it clamps the codes at Z afterwards.
+        """
+        def make() -> tuple[int, int, int, int] | None:
+            (m0a,), (na,) = (t.tolist() for t in multipliers(a.grid.scale / out.scale, layer=node.name))
+            (m0b,), (nb,) = (t.tolist() for t in multipliers(b.grid.scale / out.scale, layer=node.name))
+            # |q − Z| < 2^9 and M0 < 2^31: each aligned term stays below 2^61 for alignments up to 2^21
+            if min(m0a, m0b) == 0 or abs(na - nb) > 21:
+                return None
+            return m0a, na, m0b, nb
+
+        found = self._cached(("A1", node.name, a.grid.key(), b.grid.key(), out.key()), make)
+        if found is None:
+            return None
+        m0a, na, m0b, nb = found
+        n = max(na, nb)
+        total = ((a.data - a.grid.zero_point) * (m0a << (n - na))
+                 + (b.data - b.grid.zero_point) * (m0b << (n - nb)))
+        codes = requantize(total, 1, n, zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
+        self.params.setdefault(_add_name(self.gm, node), {}).update(
+            kind="add", input_scales=[float(a.grid.scale), float(b.grid.scale)],
+            input_zero_points=[a.grid.zero_point, b.grid.zero_point], input_m0=[m0a, m0b], input_shift=[na, nb],
+            output_scale=float(out.scale), output_zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
+        return IntValue(codes, out)
 
     def _avgpool(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> IntValue:
         x = args[0]
@@ -459,6 +517,23 @@ def _layer_of(mod: QuantConv2d | QuantLinear, node: fx.Node) -> str:
     """The layer name reports use: the weight quantizer's name ("<layer>.weight") without ".weight"."""
     wq_name = str(getattr(getattr(mod, "weight_quant", None), "layer_name", "") or "")
     return wq_name.removesuffix(".weight") if wq_name else str(node.target)
+
+
+def _add_output_quantizer(gm: fx.GraphModule, node: fx.Node) -> Quantizer | None:
+    """The Quantizer that alone reads the add (directly or through one ReLU/ReLU6), else None."""
+    cur = node
+    for _ in range(2):
+        if len(cur.users) != 1:
+            return None
+        (cur,) = cur.users
+        mod = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
+        if isinstance(mod, Quantizer):
+            return mod
+        relu = (isinstance(mod, (nn.ReLU, nn.ReLU6)) or (cur.op == "call_function" and cur.target in (F.relu, torch.relu, F.relu6))
+                or (cur.op == "call_method" and cur.target == "relu"))
+        if not relu:
+            return None
+    return None
 
 
 def _add_name(gm: fx.GraphModule, node: fx.Node) -> str:

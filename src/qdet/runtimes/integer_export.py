@@ -20,10 +20,11 @@ counts, per activation quantizer, how many output codes differ by 0, 1 or more s
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from qdet.quant.integer import M0_BITS
 from qdet.quant.quantizer import Quantizer
 from qdet.runtimes.integer import ADD_SHIFT, IntegerRegion, IntegerRuntime
 
-FORMAT = "qdet-integer/1"
+FORMAT = "qdet-integer/2"  # /2: an add with its own output quantizer rounds once (no left_shift)
 
 
 def integer_regions(lowered: nn.Module) -> list[IntegerRegion]:
@@ -57,7 +58,10 @@ def integer_params(qmodel: QuantizedModel) -> dict[str, Any]:
             "accumulator": "acc = sum((q_x - Z_x) * q_w) + bias_int32, int32, scale accumulator_scale",
             "requantize": "q_out = clamp(Z_out + round_half_even(acc * M0 / 2^n), qmin, qmax), M0 / 2^n = requant_input_scale / output_scale",
             "M0_bits": M0_BITS,
-            "add": f"acc = round((q1 - Z1) * 2^{ADD_SHIFT} * M0_1 / 2^n_1) + round((q2 - Z2) * 2^{ADD_SHIFT} * M0_2 / 2^n_2), "
+            "add": "q_out = clamp(Z_out + round_half_even(((q1 - Z1) * M0_1 * 2^(n - n_1) + (q2 - Z2) * M0_2 * 2^(n - n_2)) / 2^n), "
+                   "qmin, qmax), M0_i / 2^n_i = input_scale_i / output_scale, n = max(n_1, n_2), int64; a ReLU after the "
+                   "add clamps at Z_out. An add without its own output quantizer (left_shift present): "
+                   f"acc = round((q1 - Z1) * 2^{ADD_SHIFT} * M0_1 / 2^n_1) + round((q2 - Z2) * 2^{ADD_SHIFT} * M0_2 / 2^n_2), "
                    "then requantize like a conv",
             "relu": "clamp at 0 on the accumulator (at Z on codes)",
             "avgpool": "acc = sum(q - Z) over the window, accumulator scale = input scale / window",
@@ -110,11 +114,31 @@ class _FakeCodes:
     def _hook(self, q: nn.Module, _args: Any, out: torch.Tensor) -> None:
         assert isinstance(q, Quantizer)
         codes = torch.round(out.detach().to(torch.float64) / q.scale.to(torch.float64)) + int(q.zero_point)
-        self.codes[q.layer_name] = codes.to(torch.int64)
+        self.codes[q.layer_name] = codes.to(torch.int32)  # codes of up to 16 bits; half of int64's memory
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def float64_reference(qmodel: QuantizedModel) -> QuantizedModel:
+    """A float64 copy of the fake-quant model: the same simulation, without float32 round-off.
+
+    In float32 a fake-quant value (q − Z)·S is itself rounded to 24 bits and the conv sums in
+    float32, so y / S_out lands on the other side of a rounding tie about once in 10^5 outputs;
+    through a 56-layer ResNet each such flip spreads into every later layer. In float64 those
+    products and sums are exact to ~2^-50 relative, so the simulation computes the quantized
+    model's real-number definition, which is what the integer runtime implements.
+    """
+    ref = copy.deepcopy(qmodel)
+    ref.model.to(torch.float64)
+    return ref
+
+
+def _as_reference_dtype(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Cast floating tensor inputs to the model's float dtype (float64 for `float64_reference`)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def layer_agreement(
@@ -124,16 +148,21 @@ def layer_agreement(
     stats: dict[str, LayerAgreement] | None = None,
     *,
     teacher_forced: bool = False,
-) -> tuple[dict[str, LayerAgreement], list[tuple[torch.Tensor, torch.Tensor]]]:
+    also: Sequence[tuple[QuantizedModel, dict[str, LayerAgreement]]] = (),
+) -> tuple[dict[str, LayerAgreement], list[tuple[torch.Tensor, ...]]]:
     """Run both on each input (a tensor or tuple of tensors); per-layer stats and (fake, integer) outputs.
 
     End to end (default) a 1-step difference early on propagates into every later layer. With
     `teacher_forced` every integer layer reads the fake-quant codes of its inputs, so each layer's
-    numbers measure that one op's integer arithmetic against its float simulation.
+    numbers measure that one op's integer arithmetic against its float simulation. `qmodel` may be
+    a `float64_reference` (its inputs are cast to float64; the integer runtime gets them as given).
+    `also`: more (reference, stats) pairs compared with the same integer run; their outputs follow
+    in each output tuple, (fake, integer, *also). Teacher forcing reads `qmodel`'s codes.
     """
     stats = {} if stats is None else stats
     regions = integer_regions(lowered)
     hooks = _FakeCodes(qmodel.model)
+    others = [(_FakeCodes(ref.model), ref, st) for ref, st in also]
     outputs = []
     try:
         for x in inputs:
@@ -141,23 +170,29 @@ def layer_agreement(
             for r in regions:
                 r.record = {}
             with torch.no_grad():
-                fake_out = qmodel(*args)
+                fake_out = qmodel(*_as_reference_dtype(qmodel.model, args))
+                other_outs = [ref(*_as_reference_dtype(ref.model, args)) for _, ref, _ in others]
                 for r in regions:
                     r.teacher = hooks.codes if teacher_forced else None
                 int_out = lowered(*args)
-            outputs.append((fake_out, int_out))
+            outputs.append((fake_out, int_out, *other_outs))
             for r in regions:
                 assert r.record is not None
                 for name, codes in r.record.items():
-                    if name in hooks.codes:
-                        stats.setdefault(name, LayerAgreement(name)).add(hooks.codes[name], codes)
-            hooks.codes.clear()
+                    for h, st in [(hooks, stats)] + [(h, st) for h, _, st in others]:
+                        if name in h.codes:
+                            st.setdefault(name, LayerAgreement(name)).add(h.codes[name], codes)
+                r.record = {}  # drop this batch's codes now, not at the next batch
+            for h in [hooks] + [h for h, _, _ in others]:
+                h.codes.clear()
     finally:
         hooks.close()
+        for h, _, _ in others:
+            h.close()
         for r in regions:
             r.record = None
             r.teacher = None
     return stats, outputs
 
 
-__all__ = ["FORMAT", "integer_params", "export_integer_params", "LayerAgreement", "layer_agreement"]
+__all__ = ["FORMAT", "integer_params", "export_integer_params", "LayerAgreement", "layer_agreement", "float64_reference"]
