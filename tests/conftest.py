@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from qdet.paths import assets_dir as _assets_dir
 
@@ -26,3 +27,13 @@ def assets_dir() -> Path:
     if not root.is_dir():
         pytest.skip(f"assets folder {root} not found")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test, restored afterwards (setting it globally would change later tests'
+    float numerics). Whole modules: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

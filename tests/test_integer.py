@@ -228,15 +228,6 @@ def test_export_json_reproduces_the_first_layer(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------ real weights
-@pytest.fixture
-def one_torch_thread():
-    """One thread for this test only (setting it globally would change later tests' float numerics)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.assets
 def test_resnet20_integer_matches_fake_quant_on_real_images(one_torch_thread: None) -> None:
     require_asset("weights/cifar10_resnet20.pt")

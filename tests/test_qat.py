@@ -19,12 +19,7 @@ from qdet.quant.quantizer import QuantConv2d
 from qdet.train import classification_loss, train_qat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

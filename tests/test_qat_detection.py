@@ -21,12 +21,7 @@ from qdet.quant.qat import QATConvBn2d
 from qdet.train import train_qat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frozen_bn(c: int) -> FrozenBatchNorm2d:
