@@ -19,6 +19,7 @@ from qdet.quant.quantizer import QuantConv2d
 from qdet.train import classification_loss, train_qat
 
 
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -21,6 +21,7 @@ from qdet.quant.qat import QATConvBn2d
 from qdet.train import train_qat
 
 
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
