@@ -18,8 +18,6 @@ from qdet.quant.qparams import fake_quantize
 from qdet.quant.quantizer import QuantConv2d
 from qdet.train import classification_loss, train_qat
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

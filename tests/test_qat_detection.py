@@ -20,8 +20,6 @@ from qdet.quant.calibrate import quantization_disabled
 from qdet.quant.qat import QATConvBn2d
 from qdet.train import train_qat
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
