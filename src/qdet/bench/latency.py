@@ -39,20 +39,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def measure_latency(
-    fn: Callable[[], Any],
-    *,
-    threads: int,
-    warmup: int = 3,
-    repeats: int = 20,
-    progress: bool = False,
-    desc: str = "timing",
-) -> Latency:
-    """Time `fn()` (which must run the model on fixed inputs) `repeats` times after `warmup` calls."""
-    return measure_latencies({desc: fn}, threads=threads, warmup=warmup, repeats=repeats, progress=progress,
-                             desc=desc)[desc]
-
-
 def measure_latencies(
     fns: dict[str, Callable[[], Any]],
     *,
