@@ -71,12 +71,12 @@ def build_model(adapter: Any, weights: str | None, num_classes: int | None = Non
     return adapter.build(weights, **options)
 
 
-def timing_input(batch: Any) -> Any:
-    """One image of a calibration batch, as the model takes it: a list `[image]` for detectors whose
-    loader yields lists of (3, H, W) images, else the first row of the (B, 3, H, W) tensor."""
+def timing_input(batch: Any, n: int = 1) -> Any:
+    """The first `n` images of a calibration batch, as the model takes them: a list of (3, H, W)
+    images for detectors whose loader yields such lists, else the first rows of the (B, 3, H, W) tensor."""
     if isinstance(batch, list) and batch and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in batch):
-        return batch[:1]
-    return (batch[0] if isinstance(batch, (tuple, list)) else batch)[:1]
+        return batch[:n]
+    return (batch[0] if isinstance(batch, (tuple, list)) else batch)[:n]
 
 
 def _eval_dataset(adapter: Any, opts: JobOptions) -> Any:
