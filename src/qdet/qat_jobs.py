@@ -25,7 +25,7 @@ from qdet.bench.latency import torch_threads
 from qdet.config import QATConfig, QuantConfig
 from qdet.data.folders import seeded_split
 from qdet.errors import ConfigError
-from qdet.jobs import JobOptions, JobResult, calibration_loader
+from qdet.jobs import JobOptions, JobResult, calibration_loader, headline_metrics
 from qdet.models.base import Task
 from qdet.qmodel import QuantizedModel
 from qdet.train import ShuffledBatches, classification_loss, stack_dataset, train_qat
@@ -77,17 +77,8 @@ def classification_qat_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfi
                     transform_fn=lambda b: b[0].to(device), progress=opts.progress)
     train_s = time.perf_counter() - t0
     qmodel = api.convert(qat_model.cpu())
-    low_bit = min(s.bits for s in (cfg.weights, cfg.activations)) < 8  # type: ignore[union-attr]
-    runtime = "reference" if low_bit else opts.runtime
-    rows: list[dict[str, Any]] = []
-    for label, fn in (("float", model), (f"PTQ ({runtime})", api.lower(ptq, runtime, threads=opts.threads)),
-                      (f"QAT {qopts.steps} steps ({runtime})", api.lower(qmodel, runtime, threads=opts.threads))):
-        res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
-        rows.append({"model": label, "top1": res.top1, "top5": res.top5})
-    drop = rows[0]["top1"] - rows[1]["top1"]
-    for r in rows:
-        r["d_top1"] = r["top1"] - rows[0]["top1"]
-    rows[2]["recovered_pct"] = 100.0 * (rows[2]["top1"] - rows[1]["top1"]) / drop if drop > 0 else None
+    rows = _float_ptq_qat_rows(adapter, model, ptq, qmodel, eval_set, opts, cfg, qopts.steps)
+    runtime = rows[-1]["runtime"]
     meta = {"model": adapter.name, "config": cfg.to_dict(), "seed": opts.seed, "train_images": len(x_tr),
             "eval_images": len(eval_set), "calibration_images": n_calib, "steps": qopts.steps,
             "batch_size": qopts.batch_size, "lr": qopts.lr, "train_seconds": train_s, "events": log.events,
@@ -175,8 +166,8 @@ def detection_qat_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, op
                         transform_fn=recipe.transform_fn, qat=schedule, progress=opts.progress)
         train_s = time.perf_counter() - t0
         qmodel = api.convert(qat_model.cpu())
-        rows = _detection_rows(adapter, model, ptq, qmodel, opts, cfg, qopts.steps)
-    eval_set = adapter.eval_dataset(opts.data)
+        eval_set = adapter.eval_dataset(opts.data)
+        rows = _float_ptq_qat_rows(adapter, model, ptq, qmodel, eval_set, opts, cfg, qopts.steps)
     n = min(10, len(log.losses))
     meta = {"model": adapter.name, "config": cfg.to_dict(), "seed": opts.seed, "train_split": "train2017",
             "eval_split": "val2017", "train_images": recipe.images, "eval_images": len(eval_set),
@@ -194,20 +185,21 @@ def detection_qat_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, op
     return JobResult(title, rows, ["model", "map", "map50", "d_map", "recovered_pct"], meta), qmodel
 
 
-def _detection_rows(adapter: Any, model: nn.Module, ptq: QuantizedModel, qat: QuantizedModel, opts: JobOptions,
-                    cfg: QuantConfig, steps: int) -> list[dict[str, Any]]:
-    """float (PyTorch eager), PTQ and QAT on the runtime (the reference simulation below 8 bits)."""
+def _float_ptq_qat_rows(adapter: Any, model: nn.Module, ptq: QuantizedModel, qat: QuantizedModel, eval_set: Any,
+                        opts: JobOptions, cfg: QuantConfig, steps: int) -> list[dict[str, Any]]:
+    """float (PyTorch eager), PTQ and QAT on the runtime (the reference simulation below 8 bits), each
+    with the task's two headline metrics, the change vs float and the share of the PTQ drop QAT recovered."""
     low_bit = min(s.bits for s in (cfg.weights, cfg.activations)) < 8  # type: ignore[union-attr]
     runtime = "reference" if low_bit else opts.runtime
-    eval_set = adapter.eval_dataset(opts.data)
     rows: list[dict[str, Any]] = []
     for label, rt, fn in (("float", "torch", model),
                           (f"PTQ ({runtime})", runtime, api.lower(ptq, runtime, threads=opts.threads)),
                           (f"QAT {steps} steps ({runtime})", runtime, api.lower(qat, runtime, threads=opts.threads))):
         res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
-        rows.append({"model": label, "runtime": rt, "map": res.map, "map50": res.map50})
+        rows.append({"model": label, "runtime": rt, **headline_metrics(res)})
+    key = next(k for k in rows[0] if k not in ("model", "runtime"))
     for r in rows:
-        r["d_map"] = r["map"] - rows[0]["map"]
-    drop = rows[0]["map"] - rows[1]["map"]
-    rows[2]["recovered_pct"] = 100.0 * (rows[2]["map"] - rows[1]["map"]) / drop if drop > 0 else None
+        r[f"d_{key}"] = r[key] - rows[0][key]
+    drop = rows[0][key] - rows[1][key]
+    rows[2]["recovered_pct"] = 100.0 * (rows[2][key] - rows[1][key]) / drop if drop > 0 else None
     return rows
