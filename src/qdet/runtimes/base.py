@@ -12,7 +12,7 @@ import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from qdet.errors import ConfigError, RuntimeUnavailable
@@ -96,6 +96,13 @@ class ReferenceRuntime(Runtime):
         return _FloatView(region.module)
 
 
+def traced_module(region: PreparedRegion) -> fx.GraphModule:
+    """The region's traced graph, which the interpreting runtimes (torch, integer) walk node by node."""
+    if not isinstance(region.module, fx.GraphModule):
+        raise ConfigError(f"region {region.path!r} is not a traced GraphModule; re-quantize the model")
+    return region.module
+
+
 class _FloatView(nn.Module):
     """Runs a prepared region with every quantizer disabled."""
 
@@ -120,7 +127,7 @@ register_runtime(ReferenceRuntime)
 
 
 AUTO = "auto"
-# Fastest first on x86 CPUs (measured here: OpenVINO's int8 YOLOv5n ~2x its fp32, onnxruntime's ~1x).
+# Fastest first on x86 CPUs (measured here: OpenVINO's int8 YOLOv5n ~1.5x its fp32, onnxruntime's ~1x).
 _AUTO_ORDER = ("openvino", "onnxruntime", "torch")
 
 

@@ -54,7 +54,7 @@ from qdet.quant.integer import (
 )
 from qdet.quant.prepare import PreparedRegion
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
-from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.base import Runtime, _FloatView, register_runtime, traced_module
 
 ADD_SHIFT = 20  # (q − Z) < 2^8, shifted < 2^28: headroom for the 31-bit multiplier, precision 2^-20 of max S
 
@@ -269,8 +269,7 @@ class IntegerRegion(nn.Module):
         if isinstance(x, IntValue):
             value = self._requantize(name, x, out)
         else:  # the float → integer edge: the region's inputs
-            codes = saturate(torch.round(x.to(torch.float64) / out.scale.to(x.device)) + out.zero_point, out.qmin, out.qmax)
-            value = IntValue(codes.to(torch.int64), out)
+            value = _quantize_float(x, out)
             self.params.setdefault(name, {}).update(kind="input", output_scale=float(out.scale),
                                                     output_zero_point=out.zero_point, qmin=out.qmin, qmax=out.qmax)
         if self.record is not None:
@@ -288,8 +287,7 @@ class IntegerRegion(nn.Module):
         x = args[0]
         if isinstance(x, IntValue):
             return self._requantize(mod.layer_name or node.name, x, out)
-        codes = saturate(torch.round(x.to(torch.float64) / out.scale.to(x.device)) + out.zero_point, out.qmin, out.qmax)
-        return IntValue(codes.to(torch.int64), out)
+        return _quantize_float(x, out)
 
     def _conv_linear(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> IntValue:
         mod = self._module(node)
@@ -499,6 +497,12 @@ def _call(region: IntegerRegion, node: fx.Node, args: list[Any], kwargs: dict[st
     return node.target(*args, **kwargs)  # type: ignore[operator]
 
 
+def _quantize_float(x: torch.Tensor, out: Grid) -> IntValue:
+    """A float tensor → codes on `out`: sat(round(x / S) + Z), computed in float64."""
+    codes = saturate(torch.round(x.to(torch.float64) / out.scale.to(x.device)) + out.zero_point, out.qmin, out.qmax)
+    return IntValue(codes.to(torch.int64), out)
+
+
 def _dequantize(v: Any) -> Any:
     if not isinstance(v, IntValue):
         return v
@@ -529,7 +533,7 @@ def _add_output_quantizer(gm: fx.GraphModule, node: fx.Node) -> Quantizer | None
         mod = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
         if isinstance(mod, Quantizer):
             return mod
-        relu = (isinstance(mod, (nn.ReLU, nn.ReLU6)) or (cur.op == "call_function" and cur.target in (F.relu, torch.relu, F.relu6))
+        relu = (isinstance(mod, (nn.ReLU, nn.ReLU6)) or (cur.op == "call_function" and cur.target in _RELU_FUNCTIONS | {F.relu6})
                 or (cur.op == "call_method" and cur.target == "relu"))
         if not relu:
             return None
@@ -538,15 +542,8 @@ def _add_output_quantizer(gm: fx.GraphModule, node: fx.Node) -> Quantizer | None
 
 def _add_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """The add's layer name: its output quantizer's (through a ReLU), else the node name."""
-    cur = node
-    for _ in range(2):
-        if len(cur.users) != 1:
-            break
-        (cur,) = cur.users
-        mod = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
-        if isinstance(mod, Quantizer):
-            return mod.layer_name
-    return node.name
+    q = _add_output_quantizer(gm, node)
+    return q.layer_name if q is not None else node.name
 
 
 @register_runtime
@@ -557,12 +554,8 @@ class IntegerRuntime(Runtime):
     description = "integer-only reference (int32 accumulate, int32 bias, M0·2^-n requantize), pure PyTorch"
 
     def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
-        gm = region.module
-        if not isinstance(gm, fx.GraphModule):
-            raise ConfigError(f"region {region.path!r} is not a traced GraphModule; re-quantize the model")
+        gm = traced_module(region)
         if not quantized:
-            from qdet.runtimes.base import _FloatView
-
             return _FloatView(gm)
         lowered = IntegerRegion(gm, region.path)
         lowered(*example_inputs)  # fail here, naming the node, rather than on first use

@@ -161,8 +161,9 @@ def layer_agreement(
     """
     stats = {} if stats is None else stats
     regions = integer_regions(lowered)
-    hooks = _FakeCodes(qmodel.model)
-    others = [(_FakeCodes(ref.model), ref, st) for ref, st in also]
+    # `qmodel` first: its codes teacher-force the integer run and its output leads each tuple
+    refs = [(qmodel, stats), *also]
+    hooks = [_FakeCodes(ref.model) for ref, _ in refs]
     outputs = []
     try:
         for x in inputs:
@@ -170,24 +171,22 @@ def layer_agreement(
             for r in regions:
                 r.record = {}
             with torch.no_grad():
-                fake_out = qmodel(*_as_reference_dtype(qmodel.model, args))
-                other_outs = [ref(*_as_reference_dtype(ref.model, args)) for _, ref, _ in others]
+                ref_outs = [ref(*_as_reference_dtype(ref.model, args)) for ref, _ in refs]
                 for r in regions:
-                    r.teacher = hooks.codes if teacher_forced else None
+                    r.teacher = hooks[0].codes if teacher_forced else None
                 int_out = lowered(*args)
-            outputs.append((fake_out, int_out, *other_outs))
+            outputs.append((ref_outs[0], int_out, *ref_outs[1:]))
             for r in regions:
                 assert r.record is not None
                 for name, codes in r.record.items():
-                    for h, st in [(hooks, stats)] + [(h, st) for h, _, st in others]:
+                    for h, (_, st) in zip(hooks, refs):
                         if name in h.codes:
                             st.setdefault(name, LayerAgreement(name)).add(h.codes[name], codes)
                 r.record = {}  # drop this batch's codes now, not at the next batch
-            for h in [hooks] + [h for h, _, _ in others]:
+            for h in hooks:
                 h.codes.clear()
     finally:
-        hooks.close()
-        for h, _, _ in others:
+        for h in hooks:
             h.close()
         for r in regions:
             r.record = None

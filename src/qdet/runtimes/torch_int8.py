@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.prepare import PreparedRegion
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
-from qdet.runtimes.base import Runtime, register_runtime
+from qdet.runtimes.base import Runtime, register_runtime, traced_module
 
 QParams = tuple[float, int]  # (scale, zero point) of a quint8 value, known when lowering
 
@@ -98,9 +98,7 @@ class TorchInt8Runtime(Runtime):
         return "this PyTorch build has neither the x86 nor the fbgemm quantized engine (needs an x86-64 CPU build)"
 
     def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
-        gm = region.module
-        if not isinstance(gm, fx.GraphModule):
-            raise ConfigError(f"region {region.path!r} is not a traced GraphModule; re-quantize the model")
+        gm = traced_module(region)
         if not quantized:
             return _strip_quantizers(gm)
         engine = _engine()
