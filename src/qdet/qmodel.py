@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from qdet.config import QuantConfig
-from qdet.errors import ConfigError
+from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.calibrate import calibrate, default_transform
 from qdet.quant.prepare import (
     LayerRecord,
@@ -192,8 +192,6 @@ def first_batch(data: Iterable[Any], what: str) -> tuple[Any, Iterator[Any]]:
     iterator = iter(data)
     first = next(iterator, None)
     if first is None:
-        from qdet.errors import CalibrationError
-
         raise CalibrationError(f"the {what} is empty: no batch reached the model")
     return first, iterator
 

@@ -18,7 +18,7 @@ accuracy budget (`max_drop=0.3`) reads the same for classifiers and detectors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
