@@ -21,7 +21,14 @@ import torch
 from qdet import api
 from qdet.analysis.calibration_study import calibration_curve, observer_sweep
 from qdet.analysis.task_metric import task_metric
-from qdet.config import Observer, PerChannel, PerTensor, QuantConfig, default_activation_spec
+from qdet.config import (
+    Observer,
+    PerChannel,
+    PerTensor,
+    QuantConfig,
+    default_activation_spec,
+)
+from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader
 from qdet.models.base import Task
 
@@ -82,7 +89,7 @@ def main() -> None:
         print(sweep.table())
         sweep.plot(out / "observer_sweep.png")
         payload["sweep"] = sweep.as_rows()
-    (out / "calibration_curve.json").write_text(json.dumps(payload, indent=2))
+    write_text_atomically(out / "calibration_curve.json", json.dumps(payload, indent=2))
     print(f"plot: {png}\njson: {out / 'calibration_curve.json'}")
 
 

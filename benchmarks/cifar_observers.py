@@ -17,6 +17,7 @@ from qdet import api
 from qdet.analysis.errors import layer_errors
 from qdet.config import Observer, QuantConfig, ResidualPolicy
 from qdet.data.folders import make_loader, seeded_subset
+from qdet.fileio import write_text_atomically
 from qdet.report.table import format_table
 
 OBSERVERS = [Observer.MINMAX, Observer.HISTOGRAM, Observer.PERCENTILE, Observer.ENTROPY]
@@ -78,8 +79,7 @@ def main() -> None:
           "mean_l1: mean over quantized layers of mean |float − int8| on 64 calibration images")
     print(format_table(all_rows, cols))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(all_rows, f, indent=2)
+        write_text_atomically(args.json, json.dumps(all_rows, indent=2))
 
 
 if __name__ == "__main__":

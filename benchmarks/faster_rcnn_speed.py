@@ -42,6 +42,7 @@ import qdet
 from qdet.analysis.errors import layer_errors
 from qdet.bench.latency import torch_threads
 from qdet.data.kitti import KittiDataset
+from qdet.fileio import write_text_atomically
 from qdet.models import REGISTRY
 from qdet.models.rcnn.onnx_baseline import (
     CONV_GEMM,
@@ -303,7 +304,7 @@ def main() -> None:
 
     summary = {"sizes_bytes": dict(rows), "int8_region_bytes": int8_sizes, "latency": results,
                "load_average": {"start": start_load, "end": end_load}, "threads": args.threads, "sqnr": sqnr_rows}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text_atomically(args.out / "results.json", json.dumps(summary, indent=2, default=str))
     print(f"\nwritten {args.out / 'results.json'}")
 
 

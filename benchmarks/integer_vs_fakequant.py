@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -31,7 +30,12 @@ from tqdm import tqdm
 from qdet import api
 from qdet.config import QuantConfig
 from qdet.data.folders import make_loader, seeded_subset
-from qdet.runtimes.integer_export import LayerAgreement, float64_reference, layer_agreement
+from qdet.fileio import write_text_atomically
+from qdet.runtimes.integer_export import (
+    LayerAgreement,
+    float64_reference,
+    layer_agreement,
+)
 
 
 def main() -> None:
@@ -130,9 +134,7 @@ def _write(args: argparse.Namespace, device: torch.device, n: int, hits: dict[st
            "hits": hits, "same_prediction": same_pred, "totals": totals, "wall_s": wall_s, "peak_rss_gib": _rss_gib(),
            "layers_end_to_end": {name: [vars(s) for s in st.values()] for name, st in stats.items()},
            "layers_teacher_forced": [vars(s) for s in forced.values()]}
-    tmp = Path(args.json + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.json)
+    write_text_atomically(args.json, json.dumps(out, indent=1))
 
 
 def _merge(paths: list[str], worst: int, all_layers: bool = False) -> None:

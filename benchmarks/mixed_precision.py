@@ -23,9 +23,14 @@ import torch
 
 from qdet import api
 from qdet.analysis.costs import kept_float_rows, layer_costs
-from qdet.analysis.sensitivity import layer_sensitivity, mixed_precision_search, to_config
+from qdet.analysis.sensitivity import (
+    layer_sensitivity,
+    mixed_precision_search,
+    to_config,
+)
 from qdet.analysis.task_metric import task_metric
 from qdet.config import QuantConfig
+from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader
 from qdet.report.table import format_table
 from qdet.runtimes.base import get_runtime, resolve_runtime
@@ -109,7 +114,7 @@ def main() -> None:
     print(f"speed-up kept: {100 * speedup_kept:.1f} % of the int8 speed-up ratio; "
           f"{100 * saving_kept:.1f} % of the int8 latency saving")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "kept": kept, "gap_closed": gap_closed,
+        write_text_atomically(args.json, json.dumps({"rows": rows, "kept": kept, "gap_closed": gap_closed,
                                                "speedup_kept": speedup_kept, "saving_kept": saving_kept,
                                                **search}, indent=2, default=str))
 

@@ -20,8 +20,9 @@ import torch
 
 import qdet
 from qdet import api
-from qdet.config import QATConfig, QuantConfig, default_weight_spec, LayerOverride
-from qdet.data.folders import make_loader, seeded_split
+from qdet.config import LayerOverride, QATConfig, QuantConfig, default_weight_spec
+from qdet.data.folders import seeded_split
+from qdet.fileio import write_text_atomically
 from qdet.report.table import format_table
 from qdet.train import ShuffledBatches, classification_loss, stack_dataset, train_qat
 
@@ -93,8 +94,7 @@ def main() -> None:
           "recovered_pct = share of the PTQ drop that QAT wins back")
     print(format_table(rows, ["weights", "method", "top1", "drop", "recovered_pct"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+        write_text_atomically(args.json, json.dumps(rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

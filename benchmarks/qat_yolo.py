@@ -18,6 +18,7 @@ import json
 
 import qdet
 from qdet.config import QATConfig, QuantConfig
+from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions
 from qdet.qat_jobs import DETECTION_DEFAULTS, QATOptions, detection_qat_job
 
@@ -52,8 +53,7 @@ def main() -> None:
     if args.out:
         qdet.save(qm, args.out)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.as_dict(), f, indent=1, default=str)
+        write_text_atomically(args.json, json.dumps(result.as_dict(), indent=1, default=str))
 
 
 if __name__ == "__main__":

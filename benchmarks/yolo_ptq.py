@@ -22,6 +22,7 @@ import torch
 
 from qdet import api
 from qdet.config import QuantConfig
+from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader, compare_job, timing_input
 from qdet.models.yolo.detect import predictions
 from qdet.models.yolo.postprocess import non_max_suppression
@@ -82,8 +83,8 @@ def main() -> None:
     print("\nmAP50-95 in points (seed: full val2017; ours: the 158-image subset)")
     print(format_table([SEED_ROW, *ours], ["model", "float", "int8", "gap"]))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "seed": SEED_ROW, "ours": ours, "latency_breakdown": breakdowns}, fh, indent=2)
+        write_text_atomically(args.json, json.dumps({"rows": rows, "seed": SEED_ROW, "ours": ours,
+                                                     "latency_breakdown": breakdowns}, indent=2))
 
 
 if __name__ == "__main__":
