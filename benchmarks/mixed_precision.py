@@ -1,122 +1,165 @@
 """Mixed precision for YOLOv5n: keep the fewest layers float that bring int8 COCO mAP within
-`--max-drop` points of float, then check the chosen config on a real runtime (mAP and speed).
+`--max-drop` points of float, chosen on one set of images and checked on another, on a real runtime.
 
-1. Search (fake-quant reference, cached 158-image COCO eval): rank layers one at a time by what keeping
-   each float wins back (task metric for the `--metric-top` layers output SQNR ranks highest), then
-   keep layers float in that order until the budget is met (`qdet analyze --max-drop` does the same).
+1. Search. Rank layers one at a time by what keeping each float wins back, then keep layers float in
+   that order until the budget is met (`qdet analyze --max-drop` does the same). The metric is COCO
+   mAP50-95 on `--search-on` images (default: the labeled calibration images, train2017, so the
+   val2017 images stay held out) measured on `--search-runtime` (default: `--runtime`; each step
+   exports and compiles the model with those layers float). `--metric-top K` measures the metric for
+   the K layers that fake-quant output SQNR ranks first (0 = every layer).
    `--kept A B ...` or `--from-json` (the JSON of `qdet analyze --json`) skip the search.
-2. Re-quantize with those layers in `skip`, run float / int8 / mixed on `--runtime` (default OpenVINO):
-   mAP of each, and latency of each in one run with the same input and threads; prints the share of
-   the int8 mAP gap closed and of the int8 speed-up kept.
+2. Check, on the val2017 images and `--runtime`: for `--seeds` calibration subsets (`--calib-images`
+   drawn from the 160 train2017 images), the int8 model and the model re-quantized on the same
+   images with the kept layers in `skip` (what `qdet quantize --skip` deploys). One 158-image mAP moves by ±0.3 points between numerically equivalent models, so
+   the gap closed is reported from the means over seeds, with each seed's paired difference.
+3. Speed: float, int8 and mixed of the first seed, timed round-robin in one run (same input, threads).
 
-    python benchmarks/mixed_precision.py --max-drop 0.25 --threads 2
-    python benchmarks/mixed_precision.py --from-json runs/yolov5n/analysis/result.json --threads 2
+    python benchmarks/mixed_precision.py --metric-top 0 --max-drop 0.3 --seeds 5 --calib-images 128
+    python benchmarks/mixed_precision.py --kept body.model.24.m.0 body.model.24.m.1 --seeds 5
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qdet import api
 from qdet.analysis.costs import kept_float_rows, layer_costs
+from qdet.analysis.points import toggled
 from qdet.analysis.sensitivity import (
     layer_sensitivity,
     mixed_precision_search,
     to_config,
 )
-from qdet.analysis.task_metric import task_metric
+from qdet.analysis.task_metric import runtime_metric, task_metric
 from qdet.config import QuantConfig
 from qdet.fileio import write_text_atomically
-from qdet.jobs import JobOptions, calibration_loader
+from qdet.jobs import JobOptions, calibration_loader, timing_input
 from qdet.report.table import format_table
 from qdet.runtimes.base import get_runtime, resolve_runtime
+
+
+def search(args: argparse.Namespace, adapter: Any, model: torch.nn.Module, qm: Any, calib: Any) -> tuple[list[str], dict]:
+    """Sensitivity (skip mode) + greedy search; returns the kept layers and what to record."""
+    metric = task_metric(adapter, on=args.search_on, progress=False)
+    if args.search_runtime != "reference":
+        metric = runtime_metric(metric, args.search_runtime, threads=args.threads)
+    batches = [next(iter(calib))]  # one batch of 8 calibration images for the output-SQNR pre-ranking
+    sens = layer_sensitivity(qm, metric, batches, transform_fn=adapter.transform_fn(model), mode="skip",
+                             metric_top=args.metric_top or None)
+    print(f"sensitivity (keep only layer i float), {metric.name} on {args.search_on} images: "
+          f"float {sens.float_metric:.2f}, int8 {sens.int8_metric:.2f}")
+    print(sens.table(15), flush=True)
+    ranked = [r.name for r in sens.rows if r.metric is not None]
+    mp = mixed_precision_search(qm, metric, sens.float_metric, args.max_drop, ranked)
+    rows = kept_float_rows(mp, layer_costs(model, timing_input(batches[0])))
+    print(f"\nsearch: {'met' if mp.met else 'NOT met'}, {mp.metric:.2f} with {len(mp.kept_float)} layer(s) float "
+          f"(target {mp.target:.2f})")
+    print(format_table(rows), flush=True)
+    record = {"search_metric": metric.name, "search_on": args.search_on, "sensitivity": sens.as_rows(),
+              "float": sens.float_metric, "int8": sens.int8_metric, "kept_rows": rows, "search_result": mp.metric,
+              "met": mp.met}
+    return list(to_config(mp, QuantConfig()).skip), record
+
+
+def seeded_check(args: argparse.Namespace, adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: JobOptions,
+                 kept: list[str]) -> tuple[float, list[dict], tuple[Any, Any]]:
+    """Float mAP, then int8 vs mixed mAP for each calibration seed, on the evaluation images; the first
+    seed's int8 and mixed models. Mixed = re-quantized with the kept layers in `skip`, as deployed."""
+    metric = runtime_metric(task_metric(adapter, progress=False), args.runtime, threads=args.threads)
+    rows, first, float_map = [], (), float("nan")
+    for seed in range(args.seeds):
+        calib = calibration_loader(adapter, replace(opts, seed=seed))
+        qm = api.quantize(model, calib, cfg, adapter=adapter, progress=False)
+        mixed_qm = api.quantize(model, calib, replace(cfg, skip=tuple(kept)), adapter=adapter, progress=False)
+        if not first:
+            first = (qm, mixed_qm)
+            with toggled(qm, [], default=False):  # every quantizer off: the float graph on the runtime
+                float_map = metric(qm)
+        int8, mixed = metric(qm), metric(mixed_qm)
+        rows.append({"seed": seed, "int8": int8, "mixed": mixed, "mixed_minus_int8": mixed - int8})
+        print(format_table(rows[-1:]), flush=True)
+    return float_map, rows, first
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolov5n")
-    ap.add_argument("--runtime", default="openvino")
-    ap.add_argument("--max-drop", type=float, default=0.25, help="budget in mAP points (default: 0.25)")
-    ap.add_argument("--metric-top", type=int, default=12)
+    ap.add_argument("--runtime", default="openvino", help="runtime of the check and the timing (default: openvino)")
+    ap.add_argument("--search-runtime", help="runtime the search measures on, or 'reference' (default: --runtime)")
+    ap.add_argument("--search-on", choices=["eval", "calibration"], default="calibration",
+                    help="images the search measures mAP on (default: calibration, i.e. train2017)")
+    ap.add_argument("--max-drop", type=float, default=0.3, help="budget in mAP points (default: 0.3)")
+    ap.add_argument("--metric-top", type=int, default=12, help="layers measured by mAP; 0 = all (default: 12)")
     ap.add_argument("--kept", nargs="*", help="layers to keep float (skips the search)")
     ap.add_argument("--from-json", help="`qdet analyze --json` output whose mixed_precision.skip to use")
-    ap.add_argument("--qmodel", help="an int8 .qdet to search on (default: quantize now)")
     ap.add_argument("--calib-images", type=int, default=160)
-    ap.add_argument("--threads", type=int, default=2, help="threads for timing (default: 2)")
+    ap.add_argument("--seeds", type=int, default=1, help="calibration subsets in the check (default: 1)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for the runtimes (default: 2)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
-    runtime = resolve_runtime(args.runtime)
+    args.runtime = resolve_runtime(args.runtime)
+    args.search_runtime = args.search_runtime or args.runtime
     adapter = api.get_adapter(args.model)
     model = adapter.build()
-    cfg = QuantConfig(fuse_silu=get_runtime(runtime).fuses_silu)
-    opts = JobOptions(calib_images=args.calib_images, calib_batch=8, runtime=runtime, threads=args.threads,
+    cfg = QuantConfig(fuse_silu=get_runtime(args.runtime).fuses_silu)
+    opts = JobOptions(calib_images=args.calib_images, calib_batch=8, runtime=args.runtime, threads=args.threads,
                       progress=False)
-    calib = calibration_loader(adapter, opts)
-    qm = api.load(args.qmodel, adapter.build()) if args.qmodel else api.quantize(model, calib, cfg, adapter=adapter,
-                                                                                  progress=False)
-    metric = task_metric(adapter, progress=False)
-    torch.set_num_threads(1)  # accuracy runs: one thread (the machine may be shared)
+    torch.set_num_threads(args.threads)
 
-    search: dict = {}
+    record: dict = {}
     if args.from_json:
         kept = list(json.loads(Path(args.from_json).read_text())["mixed_precision"]["skip"])
     elif args.kept is not None:
         kept = list(args.kept)
     else:
-        batches = [next(iter(calib))]  # one batch of 8 calibration images for output SQNR
-        sens = layer_sensitivity(qm, metric, batches, transform_fn=adapter.transform_fn(model), mode="skip",
-                                 metric_top=args.metric_top)
-        print(f"sensitivity (keep only layer i float), {metric.name}: float {sens.float_metric:.4f}, "
-              f"int8 {sens.int8_metric:.4f}")
-        print(sens.table(args.metric_top), flush=True)
-        ranked = [r.name for r in sens.rows if r.metric is not None]
-        mp = mixed_precision_search(qm, metric, sens.float_metric, args.max_drop, ranked)
-        x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
-        rows = kept_float_rows(mp, layer_costs(model, x[:1]))
-        print(f"\nsearch (fake-quant reference): {'met' if mp.met else 'NOT met'}, {mp.metric:.4f} with "
-              f"{len(mp.kept_float)} layer(s) float")
-        print(format_table(rows), flush=True)
-        kept = list(to_config(mp, QuantConfig()).skip)
-        search = {"sensitivity": sens.as_rows(), "kept": rows, "reference_metric": mp.metric, "met": mp.met}
-    mixed_cfg = replace(cfg, skip=tuple(kept))
-    mixed = api.quantize(model, calib, mixed_cfg, adapter=adapter, progress=False)
-    print(f"\nkept float: {' '.join(kept)}; re-quantized reference {metric.name} = {metric(mixed):.4f}", flush=True)
+        calib = calibration_loader(adapter, opts)
+        kept, record = search(args, adapter, model, api.quantize(model, calib, cfg, adapter=adapter, progress=False),
+                              calib)
+    print(f"\nkept float: {' '.join(kept) or '(none)'}", flush=True)
 
-    lowered = {
-        f"float ({runtime})": api.lower(qm, runtime, quantized=False, threads=args.threads),
-        f"int8 ({runtime})": api.lower(qm, runtime, threads=args.threads),
-        f"mixed ({runtime}, {len(kept)} float)": api.lower(mixed, runtime, threads=args.threads),
-    }
-    rows = [{"model": "float (PyTorch eager)", "map": metric(model)}]
-    metric.batch_size = 1  # runtimes compile static shapes; `qdet eval` runs them one image at a time too
-    rows += [{"model": k, "map": metric(fn)} for k, fn in lowered.items()]
-    first = next(iter(calib))
-    x = (first[0] if isinstance(first, (tuple, list)) else first)[:1]
-    timed = api.benchmark({k: (runtime, fn, None) for k, fn in lowered.items()}, (x,), threads=args.threads,
+    float_map, seeds, (qm, mixed_qm) = seeded_check(args, adapter, model, cfg, opts, kept)
+    int8_mean = statistics.mean(r["int8"] for r in seeds)
+    mixed_mean = statistics.mean(r["mixed"] for r in seeds)
+    diffs = [r["mixed_minus_int8"] for r in seeds]
+    gap_closed = (mixed_mean - int8_mean) / (float_map - int8_mean) if float_map > int8_mean else float("nan")
+
+    lowered = {"float": api.lower(qm, args.runtime, quantized=False, threads=args.threads),
+               "int8": api.lower(qm, args.runtime, threads=args.threads),
+               f"mixed ({len(kept)} float)": api.lower(mixed_qm, args.runtime, threads=args.threads)}
+    x = timing_input(next(iter(calibration_loader(adapter, opts))))
+    timed = api.benchmark({k: (args.runtime, fn, None) for k, fn in lowered.items()}, (x,), threads=args.threads,
                           repeats=args.repeats, progress=False)
     lat = [t.latency.median_ms for t in timed]
-    for r, ms in zip(rows[1:], lat):
-        r["latency_ms"] = ms
-        r["speedup_vs_float"] = lat[0] / ms
-    f_map, q_map, m_map = rows[0]["map"], rows[2]["map"], rows[3]["map"]
-    gap_closed = (m_map - q_map) / (f_map - q_map) if f_map > q_map else float("nan")
     speedup_kept = (lat[0] / lat[2]) / (lat[0] / lat[1])
     saving_kept = (lat[0] - lat[2]) / (lat[0] - lat[1]) if lat[0] > lat[1] else float("nan")
-    print(f"\n{args.model} on {runtime}, mAP50-95 in points on 158 val2017 images; latency at batch 1, "
-          f"{args.threads} threads (valid only on a quiet machine)")
-    print(format_table(rows))
-    print(f"int8 mAP gap closed by mixed precision: {100 * gap_closed:.1f} %")
+
+    print(f"\n{args.model} on {args.runtime}: mAP50-95 (points) on the 158 val2017 images, {args.seeds} calibration "
+          f"seed(s) of {args.calib_images} train2017 images")
+    summary = [{"model": "float", "map_mean": float_map, "map_min": float_map, "map_max": float_map},
+               {"model": "int8", "map_mean": int8_mean, "map_min": min(r["int8"] for r in seeds),
+                "map_max": max(r["int8"] for r in seeds)},
+               {"model": f"mixed ({len(kept)} float)", "map_mean": mixed_mean,
+                "map_min": min(r["mixed"] for r in seeds), "map_max": max(r["mixed"] for r in seeds)}]
+    for row, t in zip(summary, timed):
+        row.update(latency_ms=t.latency.median_ms, speedup_vs_float=lat[0] / t.latency.median_ms)
+    print(format_table(summary))
+    print(f"mixed − int8 per seed: {' '.join(f'{d:+.2f}' for d in diffs)} (better in {sum(d > 0 for d in diffs)} "
+          f"of {len(diffs)})")
+    print(f"int8 mAP gap closed by mixed precision (means): {100 * gap_closed:.1f} %")
     print(f"speed-up kept: {100 * speedup_kept:.1f} % of the int8 speed-up ratio; "
-          f"{100 * saving_kept:.1f} % of the int8 latency saving")
+          f"{100 * saving_kept:.1f} % of the int8 latency saving ({args.threads} threads, batch 1; "
+          f"valid only on a quiet machine)")
     if args.json:
-        write_text_atomically(args.json, json.dumps({"rows": rows, "kept": kept, "gap_closed": gap_closed,
-                                               "speedup_kept": speedup_kept, "saving_kept": saving_kept,
-                                               **search}, indent=2, default=str))
+        write_text_atomically(args.json, json.dumps(
+            {"kept": kept, "seeds": seeds, "summary": summary, "gap_closed": gap_closed,
+             "speedup_kept": speedup_kept, "saving_kept": saving_kept, **record}, indent=2, default=str))
 
 
 if __name__ == "__main__":

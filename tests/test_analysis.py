@@ -321,6 +321,55 @@ def test_mixed_precision_reports_unmet_budget(bad_setup):
     assert not res.met and res.kept_float == ("conv2",)
 
 
+def test_runtime_metric_runs_the_toggled_model_on_the_runtime():
+    # A layer a sweep switched float must be float in the exported graph too: toggling the last layer
+    # equals re-quantizing with it skipped; toggling a middle one matches the fake-quant model so toggled.
+    pytest.importorskip("onnxruntime")
+    from qdet.analysis.task_metric import TaskMetric, runtime_metric
+    from qdet.runtimes.base import get_runtime
+
+    model, batches = _toy(), _batches(4, seed=5)
+    x = torch.cat(_batches(2, seed=9))
+    with torch.no_grad():
+        ref = model(x)
+
+    class NegMSE(TaskMetric):
+        name = "-MSE"
+
+        def __call__(self, m):
+            with torch.no_grad():
+                return -float((torch.as_tensor(m(x)) - ref).pow(2).mean())
+
+    metric = runtime_metric(NegMSE(), "onnxruntime", threads=1)
+    assert metric.name == "-MSE, onnxruntime"
+    qm = quantize(model, batches, QuantConfig(), progress=False)
+    pts = {p.name: p for p in quant_points(qm)}
+    results = {}
+    for name, points, default in [("int8", [], True), ("fc", [pts["fc"]], True), ("conv2", [pts["conv2"]], True),
+                                  ("float", [], False)]:
+        with toggled(qm, points, default=default):
+            results[name] = (metric(qm), NegMSE()(qm))
+    skipped = get_runtime("onnxruntime", threads=1).lower(quantize(model, batches, QuantConfig(skip=("fc",)),
+                                                                   progress=False))
+    assert results["fc"][0] == pytest.approx(NegMSE()(skipped), rel=1e-6)
+    for name, (on_runtime, fake_quant) in results.items():
+        assert on_runtime == pytest.approx(fake_quant, rel=1e-3, abs=1e-12), name
+    assert len({round(r[0], 12) for r in results.values()}) == 4  # four different graphs ran
+    assert results["float"][0] == pytest.approx(0.0, abs=1e-10) and results["int8"][0] < -1e-8
+    assert metric(model) == pytest.approx(0.0, abs=1e-12)  # a plain module is evaluated as given
+    assert all(m.enabled for m in all_switches(qm))
+
+
+def test_task_metric_on_calibration_images_needs_a_labeled_calibration_set():
+    from qdet import api
+    from qdet.analysis.task_metric import task_metric
+
+    with pytest.raises(ConfigError, match="resnet20.*labeled calibration"):
+        task_metric(api.get_adapter("resnet20"), on="calibration")
+    with pytest.raises(ConfigError, match="on='val'"):
+        task_metric(api.get_adapter("resnet20"), on="val")
+
+
 # ---------------------------------------------------------------- calibration studies
 def test_calibration_curve_and_observer_sweep(tmp_path):
     model = _toy()

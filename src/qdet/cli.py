@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-drop", type=float, metavar="PTS",
                    help="mixed precision: keep the fewest layers float (in sensitivity order) until the task metric "
                         "is within PTS points of float (e.g. 0.3); implies --sensitivity skip when off")
+    a.add_argument("--search-runtime", metavar="RUNTIME",
+                   help="measure the sensitivity metric and the mixed-precision search on this runtime (each step "
+                        "exports and compiles the model: slower, but it is what you deploy; default: the "
+                        "fake-quant reference)")
+    a.add_argument("--search-on", choices=["eval", "calibration"], default="eval",
+                   help="images the sensitivity metric and the search are measured on: the evaluation set, or the "
+                        "labeled calibration images (detectors), which keeps the evaluation set held out for "
+                        "checking the chosen layers (default: eval)")
     a.add_argument("--max-float-layers", type=int, help="mixed precision: keep at most this many layers float")
     a.add_argument("--refine", action="store_true",
                    help="mixed precision: afterwards try each kept layer in int8 again and drop it if the budget holds")
@@ -276,9 +284,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     from qdet import api
     from qdet.analysis.report import analyze
+    from qdet.analysis.task_metric import check_metric_images
     from qdet.jobs import calibration_loader, compare_job
+    from qdet.runtimes.base import get_runtime
 
     adapter = api.get_adapter(args.model)
+    check_metric_images(adapter, args.search_on)
+    if args.search_runtime:
+        get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
     model = build_model(adapter, args)
     opts = _job_options(args, bench=False)
     qm = api.load(args.qmodel, build_model(adapter, args)) if args.qmodel else api.quantize(
@@ -339,25 +352,32 @@ def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: d
 def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, model: Any, qm: Any, batches: list[Any],
                                      transform: Any, tables: dict[str, Any]) -> dict[str, Any]:
     """`--sensitivity` / `--max-drop`: rank layers (task metric over the top SQNR candidates), then the
-    mixed-precision search; adds report tables and prints them. Runs in the fake-quant reference."""
+    mixed-precision search; adds report tables and prints them. The metric runs in the fake-quant
+    reference or, with --search-runtime, on that runtime; on --search-on's images."""
     from qdet.analysis.costs import kept_float_rows, layer_costs
     from qdet.analysis.sensitivity import layer_sensitivity, mixed_precision_search, to_config
-    from qdet.analysis.task_metric import task_metric
+    from qdet.analysis.task_metric import runtime_metric, task_metric
 
     metric = None
     if args.metric == "task":
         metric = task_metric(adapter, data=args.data, eval_images=args.eval_images, seed=args.seed + 1,
-                             progress=not args.no_progress)
+                             on=args.search_on, progress=not args.no_progress)
+        if args.search_runtime:
+            metric = runtime_metric(metric, args.search_runtime, threads=args.threads)
     elif args.max_drop is not None:
         raise ConfigError("--max-drop needs the task metric (--metric task), not --metric sqnr")
+    elif args.search_runtime or args.search_on != "eval":
+        raise ConfigError("--search-runtime and --search-on need the task metric (--metric task), not --metric sqnr")
     name = metric.name if metric is not None else "output SQNR (dB)"
+    where = f"{args.search_runtime or 'fake-quant reference'}, {args.search_on} images"
     sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
                              metric_top=args.metric_top or None, progress=not args.no_progress)
     print(f"sensitivity ({args.sensitivity}), ranked by {name}; float {sens.float_metric}, int8 {sens.int8_metric}")
     print(sens.table(max(15, args.metric_top or 0)))
-    tables[f"Sensitivity ({args.sensitivity}): metric = {name} (fake-quant reference)"] = sens.as_rows()
-    extra: dict[str, Any] = {"sensitivity": {"mode": args.sensitivity, "metric": name, "float": sens.float_metric,
-                                             "int8": sens.int8_metric, "rows": sens.as_rows()}}
+    tables[f"Sensitivity ({args.sensitivity}): metric = {name} ({where})"] = sens.as_rows()
+    extra: dict[str, Any] = {"sensitivity": {"mode": args.sensitivity, "metric": name, "measured_on": where,
+                                             "float": sens.float_metric, "int8": sens.int8_metric,
+                                             "rows": sens.as_rows()}}
     if args.max_drop is None or metric is None or sens.float_metric is None:
         return extra
     ranked = [r.name for r in sens.rows if r.metric is not None] or sens.ranking()
@@ -380,7 +400,7 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
     print(format_table(kept))
     skip = to_config(mp, qm.config).skip
     print("run it on a runtime: qdet quantize " + args.model + " --skip " + " ".join(skip))
-    tables[f"Mixed precision (max drop {args.max_drop} pts), fake-quant reference"] = summary
+    tables[f"Mixed precision (max drop {args.max_drop} pts), {where}"] = summary
     tables["Layers kept float: gain and cost (extra weight MB, share of MACs)"] = kept
     extra["mixed_precision"] = {"summary": summary, "kept": kept, "skip": list(skip), "max_drop": args.max_drop}
     return extra

@@ -7,6 +7,10 @@ post-processing and the evaluator — the same functions `qdet eval` uses, so a 
 `qdet eval` on the same model and runtime. Values are in points (top-1 in %, mAP × 100) so an
 accuracy budget (`max_drop=0.3`) reads the same for classifiers and detectors.
 
+`runtime_metric` measures the same metric on a real runtime: each call lowers the QuantizedModel in
+its current quantizer state (layers switched float by a sensitivity sweep are exported float), so a
+ranking or mixed-precision search can be done on what is deployed instead of the fake-quant reference.
+
     >>> import torch, qdet
     >>> from torch import nn
     >>> data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))]
@@ -29,7 +33,7 @@ from qdet.errors import ConfigError
 from qdet.eval.classification import topk_correct
 from qdet.models.base import Task
 
-__all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "task_metric"]
+__all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "runtime_metric", "check_metric_images", "task_metric"]
 
 
 class TaskMetric:
@@ -113,12 +117,58 @@ class yolo_coco_metric(TaskMetric):
         return 100.0 * float(getattr(self.last_result, self.key))
 
 
+class runtime_metric(TaskMetric):
+    """`metric` of a QuantizedModel lowered to `runtime` as it stands (enabled quantizers int8, disabled
+    ones float: the graph the fake-quant model runs in that state, so a layer kept float also feeds its
+    consumers float, whereas re-quantizing with `skip` gives them an input quantizer); other callables
+    are evaluated as given. One export + compile per call (~5 s for YOLOv5n on OpenVINO); detectors run
+    one image at a time because runtimes compile static shapes.
+
+        metric = runtime_metric(task_metric(adapter), "openvino", threads=2)
+        layer_sensitivity(qm, metric, mode="skip")   # each layer kept float, measured on OpenVINO
+    """
+
+    def __init__(self, metric: TaskMetric, runtime: str, *, threads: int | None = None) -> None:
+        from qdet.runtimes.base import get_runtime
+
+        self.metric, self.runtime = metric, get_runtime(runtime, threads=threads)  # fails early on a bad name
+        self.name = f"{metric.name}, {self.runtime.name}"
+
+    def __call__(self, model: Callable[..., Any]) -> float:
+        from qdet.qmodel import QuantizedModel
+
+        if not isinstance(model, QuantizedModel):
+            return self.metric(model)
+        lowered = self.runtime.lower(model, quantized=True)
+        if not isinstance(self.metric, yolo_coco_metric):
+            return self.metric(lowered)
+        saved, self.metric.batch_size = self.metric.batch_size, 1
+        try:
+            return self.metric(lowered)
+        finally:
+            self.metric.batch_size = saved
+
+
+def check_metric_images(adapter: Any, on: str) -> None:
+    """ConfigError unless `task_metric(adapter, on=on)` has images to measure on (checked before any work)."""
+    if on not in ("eval", "calibration"):
+        raise ConfigError(f"task metric: on={on!r}; choose 'eval' or 'calibration'")
+    if on == "calibration" and not hasattr(adapter, "labeled_calibration_dataset"):
+        raise ConfigError(f"model {adapter.name!r}: no labeled calibration set separate from the evaluation "
+                          "images; measure the search on the evaluation set (--search-on eval)")
+
+
 def task_metric(adapter: Any, *, data: str | None = None, eval_images: int | None = None, seed: int = 1,
-                batch_size: int = 8, progress: bool = True) -> TaskMetric:
+                batch_size: int = 8, on: str = "eval", progress: bool = True) -> TaskMetric:
     """The adapter's task metric over its evaluation set (a seeded subset of `eval_images` for classifiers).
 
     Classifiers: top-1 (%); YOLO detectors: COCO mAP50-95 (pts). Other detectors raise a ConfigError.
+    `on="calibration"` measures on the labeled calibration images instead (detectors only: classifiers
+    calibrate on part of their evaluation folder), so that what a search selects there can be checked
+    on evaluation images it never saw.
     """
+    check_metric_images(adapter, on)
+    is_yolo = getattr(adapter, "name", "").startswith("yolov5")
     if adapter.task is Task.CLASSIFICATION:
         from qdet.data.folders import make_loader, seeded_subset
 
@@ -126,10 +176,10 @@ def task_metric(adapter: Any, *, data: str | None = None, eval_images: int | Non
         if eval_images is not None and eval_images < len(dataset):
             dataset = seeded_subset(dataset, eval_images, seed=seed)
         return classification_metric(make_loader(dataset, 256), progress=progress)
-    if getattr(adapter, "name", "").startswith("yolov5"):
+    if is_yolo:
         if eval_images is not None:
             raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
-        return yolo_coco_metric(adapter.eval_dataset(data), img_size=adapter.img_size, batch_size=batch_size,
-                                progress=progress)
+        dataset = adapter.labeled_calibration_dataset(data) if on == "calibration" else adapter.eval_dataset(data)
+        return yolo_coco_metric(dataset, img_size=adapter.img_size, batch_size=batch_size, progress=progress)
     raise ConfigError(f"model {adapter.name!r}: no cached task metric; use output SQNR (--metric sqnr)")
 

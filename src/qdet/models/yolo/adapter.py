@@ -108,9 +108,14 @@ class YoloAdapter:
         """COCO val images (default: the bundled 158 val2017 images)."""
         return self.coco("val2017", data)
 
+    def labeled_calibration_dataset(self, data: str | Path | None = None) -> CocoDetection:
+        """The calibration images with their labels (COCO train; default the bundled 160 train2017 images):
+        a layer search measured here leaves the evaluation images held out."""
+        return self.coco("train2017", data)
+
     def calibration_dataset(self, data: str | Path | None = None) -> Dataset:
         """COCO train images through the inference letterbox — never the evaluation images."""
-        return LetterboxedCoco(self.coco("train2017", data), self.img_size)
+        return LetterboxedCoco(self.labeled_calibration_dataset(data), self.img_size)
 
     def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True) -> Any:
         """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions."""
