@@ -12,7 +12,8 @@
    drawn from the 160 train2017 images), the int8 model and the model re-quantized on the same
    images with the kept layers in `skip` (what `qdet quantize --skip` deploys). One 158-image mAP moves by ±0.3 points between numerically equivalent models, so
    the gap closed is reported from the means over seeds, with each seed's paired difference.
-3. Speed: float, int8 and mixed of the first seed, timed round-robin in one run (same input, threads).
+3. Speed: float, int8, and the model after each kept layer (first seed), timed round-robin in one run
+   (same input, threads): the measured latency cost of every layer kept float.
 
     python benchmarks/mixed_precision.py --metric-top 0 --max-drop 0.3 --seeds 5 --calib-images 128
     python benchmarks/mixed_precision.py --kept body.model.24.m.0 body.model.24.m.1 --seeds 5
@@ -87,6 +88,26 @@ def seeded_check(args: argparse.Namespace, adapter: Any, model: torch.nn.Module,
     return float_map, rows, first
 
 
+def timed_steps(args: argparse.Namespace, adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: JobOptions,
+                kept: list[str], qm: Any, mixed_qm: Any) -> list[dict]:
+    """Float, int8, then the model with the first i kept layers float (re-quantized on the first seed's
+    images) for i = 1..len(kept), timed round-robin in one run: the measured latency cost of each layer."""
+    lower = lambda q, **kw: api.lower(q, args.runtime, threads=args.threads, **kw)  # noqa: E731
+    calib = calibration_loader(adapter, opts)
+    models = {"float": lower(qm, quantized=False), "int8": lower(qm)}
+    for i, name in enumerate(kept, 1):
+        prefix = mixed_qm if i == len(kept) else api.quantize(model, calib, replace(cfg, skip=tuple(kept[:i])),
+                                                               adapter=adapter, progress=False)
+        models[f"+ {name} float"] = lower(prefix)
+    timed = api.benchmark({k: (args.runtime, fn, None) for k, fn in models.items()},
+                          (timing_input(next(iter(calib))),), threads=args.threads, repeats=args.repeats,
+                          progress=False)
+    rows = [{"model": t.name, "latency_ms": t.latency.median_ms} for t in timed]
+    for prev, row in zip(rows[1:], rows[2:]):
+        row["cost_ms"] = row["latency_ms"] - prev["latency_ms"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolov5n")
@@ -130,13 +151,11 @@ def main() -> None:
     diffs = [r["mixed_minus_int8"] for r in seeds]
     gap_closed = (mixed_mean - int8_mean) / (float_map - int8_mean) if float_map > int8_mean else float("nan")
 
-    lowered = {"float": api.lower(qm, args.runtime, quantized=False, threads=args.threads),
-               "int8": api.lower(qm, args.runtime, threads=args.threads),
-               f"mixed ({len(kept)} float)": api.lower(mixed_qm, args.runtime, threads=args.threads)}
-    x = timing_input(next(iter(calibration_loader(adapter, opts))))
-    timed = api.benchmark({k: (args.runtime, fn, None) for k, fn in lowered.items()}, (x,), threads=args.threads,
-                          repeats=args.repeats, progress=False)
-    lat = [t.latency.median_ms for t in timed]
+    steps = timed_steps(args, adapter, model, cfg, opts, kept, qm, mixed_qm)
+    print(f"\nlatency as each layer is kept float ({args.threads} threads, batch 1, round-robin; valid only on a "
+          f"quiet machine)")
+    print(format_table(steps))
+    lat = [steps[0]["latency_ms"], steps[1]["latency_ms"], steps[-1]["latency_ms"]]
     speedup_kept = (lat[0] / lat[2]) / (lat[0] / lat[1])
     saving_kept = (lat[0] - lat[2]) / (lat[0] - lat[1]) if lat[0] > lat[1] else float("nan")
 
@@ -147,8 +166,8 @@ def main() -> None:
                 "map_max": max(r["int8"] for r in seeds)},
                {"model": f"mixed ({len(kept)} float)", "map_mean": mixed_mean,
                 "map_min": min(r["mixed"] for r in seeds), "map_max": max(r["mixed"] for r in seeds)}]
-    for row, t in zip(summary, timed):
-        row.update(latency_ms=t.latency.median_ms, speedup_vs_float=lat[0] / t.latency.median_ms)
+    for row, ms in zip(summary, lat):
+        row.update(latency_ms=ms, speedup_vs_float=lat[0] / ms)
     print(format_table(summary))
     print(f"mixed − int8 per seed: {' '.join(f'{d:+.2f}' for d in diffs)} (better in {sum(d > 0 for d in diffs)} "
           f"of {len(diffs)})")
@@ -158,7 +177,7 @@ def main() -> None:
           f"valid only on a quiet machine)")
     if args.json:
         write_text_atomically(args.json, json.dumps(
-            {"kept": kept, "seeds": seeds, "summary": summary, "gap_closed": gap_closed,
+            {"kept": kept, "seeds": seeds, "summary": summary, "latency_steps": steps, "gap_closed": gap_closed,
              "speedup_kept": speedup_kept, "saving_kept": saving_kept, **record}, indent=2, default=str))
 
 
