@@ -32,6 +32,7 @@ from qdet.config import (
     parse_enum,
 )
 from qdet.errors import ConfigError, QdetError
+from qdet.fileio import write_text_atomically
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -229,9 +230,7 @@ def _emit(result: Any, args: argparse.Namespace) -> None:
     print(result.title)
     print(result.table())
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.as_dict(), indent=2, default=str))
+        path = write_text_atomically(args.json, json.dumps(result.as_dict(), indent=2, default=str))
         print(f"results written to {path}")
 
 
@@ -316,8 +315,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
-                                              indent=2, default=str))
+        write_text_atomically(args.json, json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
+                                                    indent=2, default=str))
 
 
 def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: dict[str, Any]) -> list[Path]:
