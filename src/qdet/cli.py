@@ -368,7 +368,8 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
     elif args.search_runtime or args.search_on != "eval":
         raise ConfigError("--search-runtime and --search-on need the task metric (--metric task), not --metric sqnr")
     name = metric.name if metric is not None else "output SQNR (dB)"
-    where = f"{args.search_runtime or 'fake-quant reference'}, {args.search_on} images"
+    where = (f"{args.search_runtime or 'fake-quant reference'}, {args.search_on} images" if metric is not None
+             else "fake-quant reference, analysis batches")
     sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
                              metric_top=args.metric_top or None, progress=not args.no_progress)
     print(f"sensitivity ({args.sensitivity}), ranked by {name}; float {sens.float_metric}, int8 {sens.int8_metric}")
