@@ -15,7 +15,8 @@
 3. Speed: float, int8, and the model after each kept layer (first seed), timed round-robin in one run
    (same input, threads): the measured latency cost of every layer kept float.
 
-    python benchmarks/mixed_precision.py --metric-top 0 --max-drop 0.3 --seeds 5 --calib-images 128
+    python benchmarks/mixed_precision.py --metric-top 0 --max-drop 0.3 --seeds 5 --calib-images 128 --json runs/mp.json
+    python benchmarks/mixed_precision.py --ranking-from runs/mp.json --max-drop 0.1 --seeds 5 --calib-images 128
     python benchmarks/mixed_precision.py --kept body.model.24.m.0 body.model.24.m.1 --seeds 5
 """
 from __future__ import annotations
@@ -51,20 +52,24 @@ def search(args: argparse.Namespace, adapter: Any, model: torch.nn.Module, qm: A
     if args.search_runtime != "reference":
         metric = runtime_metric(metric, args.search_runtime, threads=args.threads)
     batches = [next(iter(calib))]  # one batch of 8 calibration images for the output-SQNR pre-ranking
-    sens = layer_sensitivity(qm, metric, batches, transform_fn=adapter.transform_fn(model), mode="skip",
-                             metric_top=args.metric_top or None)
+    if args.ranking_from:  # a sweep this script saved: same model, calibration and search metric
+        saved = json.loads(Path(args.ranking_from).read_text())
+        sens_rows, float_metric, int8_metric = saved["sensitivity"], saved["float"], saved["int8"]
+    else:
+        sens = layer_sensitivity(qm, metric, batches, transform_fn=adapter.transform_fn(model), mode="skip",
+                                 metric_top=args.metric_top or None)
+        sens_rows, float_metric, int8_metric = sens.as_rows(), sens.float_metric, sens.int8_metric
+        print(sens.table(15), flush=True)
     print(f"sensitivity (keep only layer i float), {metric.name} on {args.search_on} images: "
-          f"float {sens.float_metric:.2f}, int8 {sens.int8_metric:.2f}")
-    print(sens.table(15), flush=True)
-    ranked = [r.name for r in sens.rows if r.metric is not None]
-    mp = mixed_precision_search(qm, metric, sens.float_metric, args.max_drop, ranked)
+          f"float {float_metric:.2f}, int8 {int8_metric:.2f}")
+    ranked = [r["name"] for r in sens_rows if r["metric"] is not None]
+    mp = mixed_precision_search(qm, metric, float_metric, args.max_drop, ranked)
     rows = kept_float_rows(mp, layer_costs(model, timing_input(batches[0])))
     print(f"\nsearch: {'met' if mp.met else 'NOT met'}, {mp.metric:.2f} with {len(mp.kept_float)} layer(s) float "
           f"(target {mp.target:.2f})")
     print(format_table(rows), flush=True)
-    record = {"search_metric": metric.name, "search_on": args.search_on, "sensitivity": sens.as_rows(),
-              "float": sens.float_metric, "int8": sens.int8_metric, "kept_rows": rows, "search_result": mp.metric,
-              "met": mp.met}
+    record = {"search_metric": metric.name, "search_on": args.search_on, "sensitivity": sens_rows,
+              "float": float_metric, "int8": int8_metric, "kept_rows": rows, "search_result": mp.metric, "met": mp.met}
     return list(to_config(mp, QuantConfig()).skip), record
 
 
@@ -117,6 +122,7 @@ def main() -> None:
                     help="images the search measures mAP on (default: calibration, i.e. train2017)")
     ap.add_argument("--max-drop", type=float, default=0.3, help="budget in mAP points (default: 0.3)")
     ap.add_argument("--metric-top", type=int, default=12, help="layers measured by mAP; 0 = all (default: 12)")
+    ap.add_argument("--ranking-from", help="this script's --json output: reuse its sensitivity sweep, redo the search")
     ap.add_argument("--kept", nargs="*", help="layers to keep float (skips the search)")
     ap.add_argument("--from-json", help="`qdet analyze --json` output whose mixed_precision.skip to use")
     ap.add_argument("--calib-images", type=int, default=160)
