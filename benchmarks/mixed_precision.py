@@ -79,7 +79,7 @@ def seeded_check(args: argparse.Namespace, adapter: Any, model: torch.nn.Module,
     seed's int8 and mixed models. Mixed = re-quantized with the kept layers in `skip`, as deployed."""
     metric = runtime_metric(task_metric(adapter, progress=False), args.runtime, threads=args.threads)
     rows, first, float_map = [], (), float("nan")
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         calib = calibration_loader(adapter, replace(opts, seed=seed))
         qm = api.quantize(model, calib, cfg, adapter=adapter, progress=False)
         mixed_qm = api.quantize(model, calib, replace(cfg, skip=tuple(kept)), adapter=adapter, progress=False)
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--from-json", help="`qdet analyze --json` output whose mixed_precision.skip to use")
     ap.add_argument("--calib-images", type=int, default=160)
     ap.add_argument("--seeds", type=int, default=1, help="calibration subsets in the check (default: 1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first subset (default: 0)")
     ap.add_argument("--threads", type=int, default=2, help="threads for the runtimes (default: 2)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
@@ -137,7 +138,7 @@ def main() -> None:
     model = adapter.build()
     cfg = QuantConfig(fuse_silu=get_runtime(args.runtime).fuses_silu)
     opts = JobOptions(calib_images=args.calib_images, calib_batch=8, runtime=args.runtime, threads=args.threads,
-                      progress=False)
+                      seed=args.first_seed, progress=False)
     torch.set_num_threads(args.threads)
 
     record: dict = {}
