@@ -10,14 +10,17 @@
    `--kept A B ...` or `--from-json` (the JSON of `qdet analyze --json`) skip the search.
 2. Check, on the val2017 images and `--runtime`: for `--seeds` calibration subsets (`--calib-images`
    drawn from the 160 train2017 images), the int8 model and the model re-quantized on the same
-   images with the kept layers in `skip` (what `qdet quantize --skip` deploys). One 158-image mAP moves by ±0.3 points between numerically equivalent models, so
-   the gap closed is reported from the means over seeds, with each seed's paired difference.
+   images with the kept layers in `skip` (what `qdet quantize --skip` deploys). One 158-image mAP
+   moves by ±0.3 points between numerically equivalent models, so the gap closed is reported from
+   the means over seeds, with each seed's paired difference.
 3. Speed: float, int8, and the model after each kept layer (first seed), timed round-robin in one run
    (same input, threads): the measured latency cost of every layer kept float.
 
+    # all 81 layers on OpenVINO (~65 min on 2 cores), then the check on seeds 0-4
     python benchmarks/mixed_precision.py --metric-top 0 --max-drop 0.3 --seeds 5 --calib-images 128 --json runs/mp.json
     python benchmarks/mixed_precision.py --ranking-from runs/mp.json --max-drop 0.1 --seeds 5 --calib-images 128
-    python benchmarks/mixed_precision.py --kept body.model.24.m.0 body.model.24.m.1 --seeds 5
+    python benchmarks/mixed_precision.py --kept body.model.24.m.0 body.model.24.m.1 body.model.24.m.2 \
+        --seeds 5 --first-seed 5 --calib-images 128
 """
 from __future__ import annotations
 
@@ -132,6 +135,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     args.runtime = resolve_runtime(args.runtime)
     args.search_runtime = args.search_runtime or args.runtime
     adapter = api.get_adapter(args.model)
