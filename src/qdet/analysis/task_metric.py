@@ -168,7 +168,6 @@ def task_metric(adapter: Any, *, data: str | None = None, eval_images: int | Non
     on evaluation images it never saw.
     """
     check_metric_images(adapter, on)
-    is_yolo = getattr(adapter, "name", "").startswith("yolov5")
     if adapter.task is Task.CLASSIFICATION:
         from qdet.data.folders import make_loader, seeded_subset
 
@@ -176,7 +175,7 @@ def task_metric(adapter: Any, *, data: str | None = None, eval_images: int | Non
         if eval_images is not None and eval_images < len(dataset):
             dataset = seeded_subset(dataset, eval_images, seed=seed)
         return classification_metric(make_loader(dataset, 256), progress=progress)
-    if is_yolo:
+    if getattr(adapter, "name", "").startswith("yolov5"):
         if eval_images is not None:
             raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
         dataset = adapter.labeled_calibration_dataset(data) if on == "calibration" else adapter.eval_dataset(data)
