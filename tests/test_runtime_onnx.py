@@ -86,7 +86,7 @@ def test_unknown_runtime_is_a_config_error(qm):
 
 def test_bias_that_would_overflow_int32_survives():
     """A (near-)dead input gives s_x = 1e-8: b / (s_x·s_w) would not fit int32 and runtimes would
-    saturate it. Calibration widens that input grid instead, so the bias survives."""
+    saturate it. Calibration raises those channels' weight scales instead, so the bias survives."""
     net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 4, 1)).eval()
     with torch.no_grad():
         net[0].weight.fill_(1e-7)  # the second conv's input is ~1e-7: s_x hits its 1e-8 floor

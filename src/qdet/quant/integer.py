@@ -106,7 +106,7 @@ def quantize_bias(bias: torch.Tensor, acc_scale: torch.Tensor, *, layer: str = "
     q = torch.round(bias.detach().to(torch.float64) / acc_scale.to(torch.float64))
     if bool((q.abs() > INT32_MAX).any()):
         raise ConfigError(f"layer {layer!r}: bias does not fit int32 at its input scale; re-calibrate the model "
-                          "(fit_biases_in_int32 widens such input grids)")
+                          "(fit_biases_in_int32 raises such weight scales or widens the input grid)")
     return q.to(torch.int64)
 
 

@@ -188,7 +188,7 @@ def _quantize_biases(model: Any) -> None:
         scale = np.maximum(scale, np.float32(1e-30))  # s_x·s_w can underflow to 0 on dead layers
         q64 = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
         if np.abs(q64).max(initial=0.0) > 2**31 - 1:
-            # calibration widens such input grids (fit_biases_in_int32); saturating would be wrong
+            # calibration refits such scales (fit_biases_in_int32); saturating would be wrong
             raise ConfigError(f"bias of {node.name or node.output[0]} does not fit int32 at its input scale; "
                               "re-calibrate the model with this version of qdet")
         q = q64.astype(np.int32)
