@@ -49,3 +49,117 @@ def test_dead_bn_channel_raises_its_weight_scale_not_the_input_grid() -> None:
         ref, out = net(data[0]), qm(data[0])
     assert sqnr_db(ref, out) >= 30
     assert torch.allclose(out[:, 5], ref[:, 5], atol=float(qm.model.get_submodule(qm.layers[-1].quantizer).scale))
+
+
+class SamePad(nn.Conv2d):
+    """A user conv with its own forward: static padding, then F.conv2d (pretrained ports do this)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0,
+                                    self.dilation, self.groups)
+
+
+class FunctionalNet(nn.Module):
+    """Convs and a linear as functional calls on the module's own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.fc_w = nn.Parameter(torch.randn(4, 8) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu(nn.functional.conv2d(x, self.w1, self.b1, padding=1))
+        return nn.functional.linear(y.mean((2, 3)), self.fc_w)
+
+
+class ConfigLoop(nn.Module):
+    """forward loops over a ModuleList with Python branches on each block's config; dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = [("conv", 8), ("shortcut", 0), ("conv", 8)]
+        self.blocks = nn.ModuleList()
+        for kind, ch in self.cfg:
+            self.blocks.append(nn.Sequential(SamePad(8, ch, 2, bias=False), nn.BatchNorm2d(ch), nn.LeakyReLU(0.1))
+                               if kind == "conv" else nn.Identity())
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        x = self.stem(x)
+        outs = []
+        for (kind, _), block in zip(self.cfg, self.blocks):
+            x = x + outs[-1] if kind == "shortcut" else block(x)
+            outs.append(x)
+        return {"features": x, "pyramid": (outs[0], outs[-1])}
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    return list(torch.utils._pytree.tree_leaves(out))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(SamePad(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6(), SamePad(8, 8, 3, groups=8),
+                          nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.LazyLinear(5)),
+    FunctionalNet,
+    ConfigLoop,
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Mish(), nn.Conv2d(8, 8, 3), nn.Hardswish(),
+                          nn.Conv2d(8, 8, 1), nn.LeakyReLU(0.1)),
+], ids=["conv-subclass-same-pad", "functional", "config-loop-dict-out", "mish-hardswish-leaky"])
+def test_user_model_is_fully_int8_with_bn_folded(make) -> None:
+    torch.manual_seed(0)
+    net = make()
+    net(torch.randn(1, 3, 16, 16))  # materialise lazy layers
+    net = _random_bn(net)
+    data = [torch.rand(4, 3, 16, 16) for _ in range(4)]
+    qm = quantize(net, data, QuantConfig(), progress=False)
+    cov = qm.metrics["coverage"]
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    n_matmul = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()) + (2 if make is FunctionalNet else 0)
+    assert cov["int8_layers"] == n_matmul and cov["float_layers"] == 0
+    assert cov["int8_mac_share"] == 1.0
+    assert cov["folded_batchnorms"] == n_bn and not cov["unfolded_batchnorms"]
+    with torch.no_grad():
+        for ref, out in zip(_leaves(net(data[0])), _leaves(qm(data[0]))):
+            assert sqnr_db(ref, out) >= 30
+
+
+def test_frozen_batchnorm_folds() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(8)
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU()).eval()
+    qm = quantize(net, [torch.rand(2, 3, 16, 16)], QuantConfig(), progress=False)
+    assert qm.metrics["coverage"]["folded_batchnorms"] == 1
+
+
+def test_float_ops_are_reported_and_warned() -> None:
+    """A Conv1d (no int8 path in qdet) and a matmul on activations stay float, with the reason."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv1d(3, 64, 5)
+            self.small = nn.Linear(60, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c1(x)
+            return self.small(torch.matmul(y.transpose(1, 2), y).flatten(1)[:, :60])
+
+    data = [torch.rand(2, 3, 32) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"% of the conv/linear MACs are int8; largest float layers: matmul .*; c1 "):
+        qm = quantize(Mixed().eval(), data, QuantConfig(), progress=False)
+    cov = qm.metrics["coverage"]
+    reasons = {f["name"]: f["reason"] for f in cov["kept_float"]}
+    assert "Conv1d" in reasons["c1"] and "computed operands" in reasons["matmul"]
+    assert cov["int8_layers"] == 1 and cov["float_layers"] == 2

@@ -16,6 +16,7 @@ from qdet.api import (
     quantize,
     save,
 )
+from qdet.coverage import coverage
 from qdet.config import (
     Format,
     LayerOverride,
@@ -35,6 +36,6 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantConfig", "QuantSpec", "Observer", "PerChannel", "PerTensor", "ResidualPolicy", "Format",
     "LayerOverride", "QATConfig", "QuantizedModel", "quantize", "prepare_qat", "convert", "evaluate", "lower", "benchmark", "export_onnx",
-    "save", "load", "get_adapter", "QdetError", "ConfigError", "DataError", "WeightsError",
+    "save", "load", "get_adapter", "coverage", "QdetError", "ConfigError", "DataError", "WeightsError",
     "CalibrationError",
 ]

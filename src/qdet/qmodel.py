@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from qdet.config import QuantConfig
+from qdet.coverage import coverage, warn_if_mostly_float
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.calibrate import calibrate, default_transform
 from qdet.quant.prepare import (
@@ -234,6 +235,9 @@ def quantize(
     remaining = None if num_batches is None else max(num_batches - 1, 0)
     batches = _chain_first(first, iterator, remaining)
     qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress)
+    cov = coverage(qm)
+    qm.metrics["coverage"] = cov.as_dict()
+    warn_if_mostly_float(cov)
     return qm
 
 

@@ -151,3 +151,97 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
+
+
+def modularize_functional_ops(gm: fx.GraphModule) -> list[str]:
+    """Turn `F.conv2d` / `F.linear` calls on the model's own parameters into nn.Conv2d / nn.Linear.
+
+    Tracing goes through user subclasses of nn.Conv2d/nn.Linear (they are not torch.nn leaves), so
+    a conv with its own `forward` (static "same" padding, then `F.conv2d(x, self.weight, ...)`)
+    reaches the graph as a functional call on parameters. It computes exactly a Conv2d, so it
+    becomes one — sharing the parameters — and BN folding, weight quantization and every exporter
+    see an ordinary conv. Calls whose weight is computed (not a parameter) stay functional: the
+    coverage report lists them as float. Returns the names of the new modules.
+    """
+    created: list[str] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.conv2d, F.linear, torch.conv2d):
+            continue
+        args = _bind_functional(node)
+        if args is None:
+            continue
+        weight, bias = args["weight"], args["bias"]
+        if weight.dim() != (4 if node.target is not F.linear else 2):
+            continue
+        if node.target is F.linear:
+            module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            groups = int(args.get("groups", 1))
+            module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                               args.get("stride", 1), args.get("padding", 0), args.get("dilation", 1), groups,
+                               bias=bias is not None)
+        module.weight = weight
+        if bias is not None:
+            module.bias = bias
+        # the conv/linear subclass that owns the weight is replaced in place: the layer keeps its name
+        wnode = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        owner = str(wnode.target).rpartition(".")[0] if isinstance(wnode, fx.Node) else ""
+        owned = owner and isinstance(_attr(gm, owner), (nn.Conv2d, nn.Linear))
+        name = owner if owned else _free_name(gm, owner or node.name)
+        _set_submodule(gm, name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        created.append(name)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return created
+
+
+def _bind_functional(node: fx.Node) -> dict | None:
+    """`F.conv2d`/`F.linear` arguments by name with weight/bias resolved to Parameters, or None
+    when the weight is not one of the model's parameters (or an argument is itself computed)."""
+    names = ("input", "weight", "bias") if node.target is F.linear else (
+        "input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    gm = node.graph.owning_module
+    out: dict = {}
+    for key, value in bound.items():
+        if key == "input":
+            continue
+        if isinstance(value, fx.Node):
+            if value.op != "get_attr" or key not in ("weight", "bias"):
+                return None
+            value = _attr(gm, str(value.target))
+            if not isinstance(value, nn.Parameter):
+                return None
+        out[key] = value
+    out.setdefault("bias", None)
+    return out if isinstance(out.get("weight"), nn.Parameter) else None
+
+
+def _attr(root: nn.Module, path: str) -> object:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """`base` if no submodule/attribute of that path exists yet, else base_1, base_2, ..."""
+    name, i = base.replace("/", "_"), 1
+    while _exists(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        _attr(gm, path)
+        return True
+    except AttributeError:
+        return False

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
-from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types
+from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
@@ -67,6 +67,8 @@ class LayerRecord:
     quantizer: str  # attribute name of its output quantizer in the region GraphModule ("" if none)
     weight_quantizer: str = ""  # "<module>.weight_quant" for conv/linear
     format: Format = Format.INT
+    macs: int = 0  # multiply-accumulates per image (conv/linear), for the coverage report
+    reason: str = ""  # why a conv/linear-like op stayed float ("" when quantized or user-skipped)
 
 
 @dataclass
@@ -210,7 +212,11 @@ class _Inserter:
                 if _is_float_tensor(node):
                     self.quantize_output(node, _join(self.prefix, node.name), "input", self.cfg.format)
             elif node.op in ("call_module", "call_function", "call_method"):
+                mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+                conv_like = isinstance(mod, (nn.Conv2d, nn.Linear)) and (_is_float_tensor(node) or _is_tensor_tuple(node))
                 self.visit(node)
+                if conv_like:
+                    self.record_macs(node, mod, _join(self.prefix, str(node.target)))
         if self.cfg.share_concat_ranges:
             self.share_concat_ranges()
         self.gm.graph.lint()
@@ -261,6 +267,11 @@ class _Inserter:
         name = self.layer_name(node)
         fmt = self.format_of(name)
         kind = _kind(node, mod)
+        unsupported = _unsupported_matmul(node, mod)
+        if unsupported:
+            self.layers.append(LayerRecord(name, "conv" if "conv" in unsupported else "linear", "", format=Format.FLOAT,
+                                           macs=_macs(node, mod), reason=unsupported))
+            return
         if kind in ("conv", "linear") and mod is not None:
             self._quantize_weight(node, mod, name, fmt)
         if kind in ("conv", "linear", "add", "cat", "mul") and fmt is not Format.FLOAT:
@@ -279,6 +290,12 @@ class _Inserter:
             self.layers.append(LayerRecord(name, kind, "", weight_quantizer=self._wq(node, kind), format=fmt))
             return
         self.quantize_output(out_node, name, kind, fmt, self._wq(node, kind))
+
+    def record_macs(self, node: fx.Node, mod: nn.Module | None, name: str) -> None:
+        for rec in reversed(self.layers):
+            if rec.name == name:
+                rec.macs = _macs(node, mod)
+                return
 
     def _wq(self, node: fx.Node, kind: str) -> str:
         if kind not in ("conv", "linear"):
@@ -368,6 +385,46 @@ def _kind(node: fx.Node, mod: nn.Module | None) -> str:
     return str(node.target)
 
 
+_MATMUL_FUNCTIONS: set[Any] = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.linear, torch.matmul,
+                                operator.matmul, torch.bmm, torch.mm, torch.conv2d}
+_MATMUL_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                 nn.ConvTranspose3d)
+
+
+def _unsupported_matmul(node: fx.Node, mod: nn.Module | None) -> str:
+    """Why a conv/linear/matmul-like op cannot be quantized here ("" when it can, or is no such op)."""
+    if mod is not None:
+        if isinstance(mod, _MATMUL_MODULES):
+            return f"{type(mod).__name__}: no int8 kernel path in qdet yet (Conv2d and Linear only)"
+        return ""
+    if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+        what = getattr(node.target, "__name__", str(node.target))
+        return f"{what} on computed operands (not the model's parameters): kept float"
+    if node.op == "call_method" and node.target in ("matmul", "bmm", "mm"):
+        return f"Tensor.{node.target} on computed operands: kept float"
+    return ""
+
+
+def _macs(node: fx.Node, mod: nn.Module | None) -> int:
+    """Multiply-accumulates per sample of a conv/linear(-like) node, from its propagated shapes."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) == 0:
+        return 0
+    per_sample = int(torch.Size(shape).numel()) // max(int(shape[0]), 1) if len(shape) > 1 else int(shape[0])
+    if isinstance(mod, nn.Linear):
+        return per_sample * mod.in_features
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return per_sample * (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
+    args = _tensor_args(node)
+    if node.op == "call_function" and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        w = getattr(node.args[1].meta.get("tensor_meta"), "shape", None)
+        if w is not None and len(w) >= 2:
+            return per_sample * int(torch.Size(w[1:]).numel()) if node.target in (F.conv1d, F.conv2d, F.conv3d, torch.conv2d) \
+                else per_sample * int(w[-1] if node.target is F.linear else w[-2])
+    return per_sample if args else 0
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     out: list[fx.Node] = []
 
@@ -437,6 +494,7 @@ def prepare_region(
     ['input_1', '0']
     """
     gm = trace(module, leaf_types)
+    modularize_functional_ops(gm)
     folded = fold_batchnorms_qat(gm) if qat else fold_batchnorms(gm)
     if not cfg.fuse_silu:
         decompose_silu(gm)

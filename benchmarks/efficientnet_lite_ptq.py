@@ -1,0 +1,105 @@
+"""EfficientNet-Lite1 (pretrained, a depthwise model qdet has no adapter for) through the generic path.
+
+1000-way top-1 on the bundled Imagenette val images, split by a seeded permutation into two
+disjoint halves: `--calib-images` images of half A calibrate, all of half B evaluate. Rows: float
+(PyTorch), qdet's default PTQ (`qdet.quantize(model, batches)` — no adapter, default QuantConfig)
+as fake-quant and on OpenVINO's int8 kernels, and — when `nncf` is importable in this environment
+(it is not a qdet dependency) — NNCF's default `nncf.quantize` on the same calibration images,
+converted to OpenVINO. Preprocessing of the Lite family: resize to 240, (x − 0.5) / 0.5.
+
+    python benchmarks/efficientnet_lite_ptq.py --calib-images 300 --threads 2 --json runs/lite1.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+import qdet
+from qdet.data.folders import imagenette_folder, make_loader
+from qdet.fileio import write_text_atomically
+from qdet.models.efficientnet_lite import efficientnet_lite
+from qdet.paths import assets_dir
+from qdet.report.table import format_table
+
+
+def top1(fn, loader) -> float:
+    hit = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            hit += int((torch.as_tensor(fn(x)).argmax(1) == y).sum())
+            n += len(y)
+    return 100.0 * hit / n
+
+
+def nncf_openvino(model: torch.nn.Module, calib_loader, example: torch.Tensor):
+    """NNCF's default PTQ (its own defaults: MinMax, fast bias correction) compiled by OpenVINO."""
+    import nncf
+    import openvino as ov
+
+    dataset = nncf.Dataset(calib_loader, lambda batch: batch[0])
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib_loader.dataset))
+    ov_model = ov.convert_model(quantized, example_input=example)
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return lambda x: torch.from_numpy(compiled(x.numpy())[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=str(assets_dir() / "weights" / "efficientnet_lite1_imagenet.pth"))
+    ap.add_argument("--calib-images", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
+    ap.add_argument("--json", help="write the rows to this JSON file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model = efficientnet_lite("lite1")
+    model.load_state_dict(torch.load(args.weights, weights_only=True))
+    data = imagenette_folder(resize=240, crop=240, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    half_a, half_b = order[: len(order) // 2], order[len(order) // 2:]
+    calib = Subset(data, half_a[: args.calib_images])
+    evaluation = make_loader(Subset(data, half_b), 64)
+    print(f"calibration: {len(calib)} images of half A ({len(half_a)}); evaluation: all {len(half_b)} of half B; "
+          f"seed {args.seed}; {args.threads} threads; {platform.processor() or platform.machine()}")
+
+    rows = []
+
+    def row(name: str, fn, started: float) -> None:
+        acc = top1(fn, evaluation)
+        rows.append({"model": name, "top1": round(acc, 2), "d_top1": round(acc - rows[0]["top1"], 2) if rows else 0.0,
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(format_table(rows[-1:]))
+
+    t = time.perf_counter()
+    row("float (PyTorch)", model, t)
+    t = time.perf_counter()
+    qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
+    print(qdet.coverage(qm).table())
+    row("qdet int8 (fake-quant)", qm, t)
+    t = time.perf_counter()
+    row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
+    if not args.no_nncf:
+        try:
+            import nncf  # noqa: F401
+        except ImportError:
+            print("nncf is not installed here: its row is not measured")
+        else:
+            t = time.perf_counter()
+            row("NNCF default int8 (OpenVINO)", nncf_openvino(model, make_loader(calib, 32), torch.zeros(1, 3, 240, 240)), t)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(args.json, json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

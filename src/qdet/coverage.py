@@ -1,0 +1,89 @@
+"""What really became int8: conv/linear layers and their share of the multiply-accumulates.
+
+After every quantize qdet reports how many conv/linear layers got int8 weights and what share of
+the model's MACs they carry, how many BatchNorms were folded, and every conv/linear-like op that
+stayed float with the reason (user skip, unsupported op kind, computed weights). A model whose
+int8 share is under `WARN_BELOW` warns, naming the largest float layers: a model that silently
+stays float must never look int8.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import qdet
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    >>> qm = qdet.quantize(net, [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> cov = qdet.coverage(qm)
+    >>> cov.int8_layers, cov.float_layers, cov.folded_batchnorms, round(cov.int8_mac_share, 2)
+    (2, 0, 1, 1.0)
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from qdet.config import Format
+
+WARN_BELOW = 0.90  # share of conv/linear MACs in int8 under which quantize warns
+
+
+@dataclass
+class FloatLayer:
+    name: str
+    macs: int
+    reason: str
+
+
+@dataclass
+class Coverage:
+    int8_layers: int
+    float_layers: int
+    int8_macs: int
+    total_macs: int
+    folded_batchnorms: int
+    unfolded_batchnorms: list[str] = field(default_factory=list)
+    kept_float: list[FloatLayer] = field(default_factory=list)
+
+    @property
+    def int8_mac_share(self) -> float:
+        return self.int8_macs / self.total_macs if self.total_macs else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"int8_mac_share": round(self.int8_mac_share, 4)}
+
+    def table(self) -> str:
+        """A short human-readable summary (the rows `qdet quantize` prints)."""
+        lines = [f"coverage: {self.int8_layers} of {self.int8_layers + self.float_layers} conv/linear layers int8, "
+                 f"{100 * self.int8_mac_share:.1f} % of {self.total_macs / 1e6:.1f} M MACs; "
+                 f"{self.folded_batchnorms} BatchNorms folded"]
+        if self.unfolded_batchnorms:
+            lines.append(f"  BatchNorms not folded (run float): {', '.join(self.unfolded_batchnorms[:8])}")
+        for layer in sorted(self.kept_float, key=lambda f: -f.macs)[:8]:
+            lines.append(f"  float: {layer.name} ({layer.macs / 1e6:.2f} M MACs): {layer.reason}")
+        return "\n".join(lines)
+
+
+def coverage(qmodel: Any) -> Coverage:
+    """The coverage of a QuantizedModel (from its layer records and its rewritten graph)."""
+    int8 = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is not Format.FLOAT]
+    flt = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is Format.FLOAT]
+    kept = [FloatLayer(r.name, r.macs, r.reason or "skipped by the configuration") for r in flt]
+    unfolded = [f"{path}.{name}" if path else name for path, region in qmodel.regions.items()
+                for name, m in region.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return Coverage(
+        int8_layers=len(int8), float_layers=len(flt), int8_macs=sum(r.macs for r in int8),
+        total_macs=sum(r.macs for r in int8 + flt),
+        folded_batchnorms=sum(len(region.folded_bn) for region in qmodel.regions.values()),
+        unfolded_batchnorms=unfolded,
+        kept_float=kept,
+    )
+
+
+def warn_if_mostly_float(cov: Coverage) -> None:
+    """Warn when under WARN_BELOW of the conv/linear MACs run int8, naming the largest float layers."""
+    if cov.total_macs and cov.int8_mac_share < WARN_BELOW:
+        largest = sorted(cov.kept_float, key=lambda f: -f.macs)[:3]
+        names = "; ".join(f"{f.name} ({f.reason})" for f in largest)
+        warnings.warn(f"only {100 * cov.int8_mac_share:.1f} % of the conv/linear MACs are int8; largest float layers: "
+                      f"{names}", stacklevel=3)
