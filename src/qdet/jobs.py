@@ -51,6 +51,7 @@ class JobOptions:
     repeats: int = 20
     data: str | None = None
     progress: bool = True
+    with_reference: bool = False  # classifiers: also evaluate the (slow) fake-quant reference simulation
 
 
 def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
@@ -106,7 +107,7 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         f"float ({opts.runtime})": (opts.runtime, lowered_f),
         f"int8 ({opts.runtime})": (opts.runtime, lowered_q),
     }
-    if adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
+    if opts.with_reference and adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
         candidates["int8 (reference simulation)"] = ("reference", qmodel)
     rows: list[dict[str, Any]] = []
     for label, (runtime, fn) in candidates.items():
