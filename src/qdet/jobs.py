@@ -143,7 +143,9 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
     qmodel.metrics = {"rows": rows, **meta}
-    cols = ["model", *metric_keys, f"d_{key}", "size_mb", "latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
+    cols = ["model", *metric_keys, f"d_{key}", "size_mb"]
+    if opts.bench:  # untimed jobs (eval, --no-bench) show no empty latency columns
+        cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
     title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
     return JobResult(title, rows, cols, meta), qmodel
 
