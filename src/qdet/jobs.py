@@ -126,7 +126,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
             "int8 (reference simulation)": api.save(qmodel, Path(tmp) / "q.qdet").stat().st_size / 1e6,
         }
     for r in rows:
-        r["size_mb"] = sizes.get(r["model"])
+        size = sizes.get(r["model"])
+        r["size_mb"] = None if size is None else round(size, 2)
     if opts.bench:
         x = timing_input(next(iter(calib)))
         timed = api.benchmark({k: (rt, fn, None) for k, (rt, fn) in candidates.items()}, (x,),
@@ -134,6 +135,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         eager, same = timed[0].latency.median_ms, timed[1].latency.median_ms
         for r, t in zip(rows, timed):
             r["latency_ms"] = t.latency.median_ms
+            if t.runtime == "reference" and opts.runtime != "reference":
+                continue  # a simulation, not a deployment: a speed-up would mislead
             r["speedup_vs_eager"] = eager / t.latency.median_ms
             if t.runtime == opts.runtime:
                 r["speedup_vs_same_runtime_fp32"] = same / t.latency.median_ms
