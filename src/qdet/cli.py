@@ -35,11 +35,57 @@ from qdet.errors import ConfigError, QdetError
 from qdet.fileio import write_text_atomically
 
 
+def _int_at_least(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi; argparse names the option in its error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"within {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+SEED = _int_at_least(0, 2**32 - 1)
+IMG_SIZE = _int_at_least(32, 4096)
+BITS = _int_at_least(2, 8)
+
+
+def _runtime_help() -> str:
+    from qdet.runtimes.base import _AUTO_ORDER, runtime_names
+
+    return (f"where float and int8 run: {', '.join(runtime_names())}; auto = the fastest installed "
+            f"({', then '.join(_AUTO_ORDER)}) (default: auto)")
+
+
+def _add_batch_size(p: Any, default: int | None, help: str) -> None:
+    """`--batch-size`, the one name for a batch option; the old spellings stay as hidden aliases."""
+    p.add_argument("--batch-size", type=POSITIVE, default=default, help=help)
+
+
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--observer", default="histogram", help="activation observer: " + ", ".join(o.value for o in Observer) + " (default: histogram)")
     g.add_argument("--weight-granularity", default="per-channel", choices=["per-channel", "per-tensor"], help="weight scales (default: per-channel)")
-    g.add_argument("--weight-bits", type=int, default=8, help="weight bit width (default: 8; <8 runs in simulation only)")
+    g.add_argument("--weight-bits", type=BITS, default=8, help="weight bit width (default: 8; <8 runs in simulation only)")
     g.add_argument("--residual", default="quantized_add", help="residual policy: quantized_add or fuse_conv_add (default: quantized_add)")
     g.add_argument("--format", default="int", help="int (default), fp16 or bf16")
     g.add_argument("--skip", nargs="*", default=[], metavar="LAYER", help="layer names or fnmatch patterns kept in float")
@@ -47,43 +93,61 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="SiLU (YOLO): fused into the int8 conv, only its output quantized (OpenVINO runs it as one "
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
-    g.add_argument("--calib-images", type=int, default=512, help="calibration images, a seeded subset (default: 512)")
-    g.add_argument("--calib-batch", type=int, default=32, help="calibration batch size (default: 32)")
+    g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
+    g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, default=32, dest="calib_batch",
+                   help="calibration batch size (default: 32)")
+
+
+WEIGHTS_HELP = ("float weights file (.pt/.pth/.safetensors), or 'random' for an explicit random initialisation "
+                "(default: the model's bundled weights; see `qdet list`)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name (see `qdet list`)")
-    p.add_argument("--weights", help="float weights file (.pt/.pth/.safetensors); default: bundled or torchvision")
+    p.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
     p.add_argument("--data", help="evaluation/calibration data folder, or kitti:DIR / coco:DIR "
                    "(default: the model's bundled set)")
-    p.add_argument("--num-classes", type=int, help="classes of the --weights checkpoint when they differ from the "
+    p.add_argument("--num-classes", type=POSITIVE, help="classes of the --weights checkpoint when they differ from the "
                    "model's default (e.g. a KITTI-trained detector)")
-    p.add_argument("--eval-images", type=int, help="evaluate on a seeded subset of N images (default: all)")
-    p.add_argument("--runtime", default="auto",
-                   help="where float and int8 run: openvino, onnxruntime, torch, reference; auto = the fastest installed "
-                        "(openvino, then onnxruntime) (default: auto)")
-    p.add_argument("--threads", type=int, default=2, help="threads for every timed model (default: 2)")
-    p.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (default: 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration/evaluation subsets (default: 0)")
+    p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
+    p.add_argument("--runtime", default="auto", help=_runtime_help())
+    p.add_argument("--threads", type=POSITIVE, default=2, help="threads for every timed model (default: 2)")
+    p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
+    _add_json_progress(p)
+
+
+def _add_json_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_reference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--with-reference", action="store_true",
+                   help="classifiers: also evaluate the fake-quant reference simulation (slow; default: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from qdet import __version__
+
     parser = argparse.ArgumentParser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
+    parser.add_argument("--version", action="version", version=f"qdet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="models, observers and runtimes qdet knows")
+    ls = sub.add_parser("list", help="models (with bundled weights or not), observers and runtimes qdet knows")
+    ls.add_argument("--json", metavar="PATH", help="also write the lists as JSON to PATH")
 
     q = sub.add_parser("quantize", help="calibrate, convert, evaluate float vs int8, benchmark, save", description="Post-training quantization with a float vs int8 table (accuracy, size, latency, speed-up).")
     _add_common(q)
     _add_quant_options(q)
     q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet)")
     q.add_argument("--no-bench", action="store_true", help="skip latency measurement")
+    _add_reference(q)
 
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
     _add_common(e)
     e.add_argument("--qmodel", required=True, help="a .qdet file written by `qdet quantize`")
+    _add_reference(e)
 
     a = sub.add_parser("analyze", help="per-layer error analysis: tables, activation maps, hexbins, HTML report",
                        description="Quantize (or load --qmodel), evaluate float vs int8, then capture float and int8 "
@@ -91,18 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(a)
     _add_quant_options(a)
     a.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
-    a.add_argument("--batches", type=int, default=2, help="evaluation batches captured for the analysis (default: 2)")
-    a.add_argument("--batch-size", type=int, default=16, help="images per analysed batch (default: 16)")
+    _add_reference(a)
+    a.add_argument("--batches", type=POSITIVE, default=2, help="evaluation batches captured for the analysis (default: 2)")
+    _add_batch_size(a, 16, "images per analysed batch (default: 16)")
     a.add_argument("--out", help="report folder (default: runs/<model>/analysis)")
     a.add_argument("--sensitivity", choices=["off", "only", "skip"], default="off",
                    help="one-at-a-time ranking: quantize only layer i, or keep only layer i float (default: off)")
     a.add_argument("--metric", choices=["task", "sqnr"], default="task",
                    help="what ranks layers: the task metric (top-1 / COCO mAP, in points) or output SQNR only "
                         "(default: task)")
-    a.add_argument("--metric-top", type=int, default=12, metavar="K",
+    a.add_argument("--metric-top", type=NON_NEGATIVE, default=12, metavar="K",
                    help="measure the task metric for the K layers output SQNR ranks most sensitive; 0 = every "
                         "layer (default: 12)")
-    a.add_argument("--max-drop", type=float, metavar="PTS",
+    a.add_argument("--max-drop", type=_positive_float, metavar="PTS",
                    help="mixed precision: keep the fewest layers float (in sensitivity order) until the task metric "
                         "is within PTS points of float (e.g. 0.3); implies --sensitivity skip when off")
     a.add_argument("--search-runtime", metavar="RUNTIME",
@@ -113,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images the sensitivity metric and the search are measured on: the evaluation set, or the "
                         "labeled calibration images (detectors), which keeps the evaluation set held out for "
                         "checking the chosen layers (default: eval)")
-    a.add_argument("--max-float-layers", type=int, help="mixed precision: keep at most this many layers float")
+    a.add_argument("--max-float-layers", type=NON_NEGATIVE, help="mixed precision: keep at most this many layers float")
     a.add_argument("--refine", action="store_true",
                    help="mixed precision: afterwards try each kept layer in int8 again and drop it if the budget holds")
     a.add_argument("--no-eval", action="store_true", help="skip the float vs int8 metric table")
@@ -129,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(b)
     _add_quant_options(b)
     b.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
-    b.add_argument("--batch", type=int, default=1, help="batch size for timing (default: 1)")
+    _add_batch_size(b, 1, "batch size for timing (default: 1)")
+    b.add_argument("--batch", type=POSITIVE, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
     _add_qat_parser(sub)
 
     x = sub.add_parser("export-int", help="per-layer integer parameters (M0, n, int32 bias, zero points) as JSON",
@@ -137,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "integer parameters it runs with (M0 · 2^-n multipliers, int32 biases, scales, "
                                    "zero points) as JSON for hardware implementations.")
     x.add_argument("model", help="model name (see `qdet list`)")
-    x.add_argument("--weights", help="float weights file (default: bundled or torchvision)")
+    x.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
     x.add_argument("--data", help="calibration data folder (default: the model's bundled set)")
     x.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
-    x.add_argument("--out", help="JSON file to write (default: runs/<model>_integer.json)")
-    x.add_argument("--seed", type=int, default=0, help="seed for the calibration subset (default: 0)")
-    x.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    x.add_argument("--out", help="the integer-parameter JSON file to write (default: runs/<model>_integer.json)")
+    x.add_argument("--seed", type=SEED, default=0, help="seed for the calibration subset (default: 0)")
+    _add_json_progress(x)
     _add_quant_options(x)
     return parser
 
@@ -174,19 +240,19 @@ def _add_qat_parser(sub: Any) -> None:
     _add_common(t)
     _add_quant_options(t)
     g = t.add_argument_group("training")
-    g.add_argument("--steps", type=int, help="optimiser steps (default: 300 classifiers, 200 detectors)")
-    g.add_argument("--batch-size", type=int, help="training batch size (default: 64 classifiers, 8 detectors)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4 classifiers, 1e-5 detectors)")
-    g.add_argument("--train-images", type=int, default=5000,
+    g.add_argument("--steps", type=POSITIVE, help="optimiser steps (default: 300 classifiers, 200 detectors)")
+    _add_batch_size(g, None, "training batch size (default: 64 classifiers, 8 detectors)")
+    g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: 1e-4 classifiers, 1e-5 detectors)")
+    g.add_argument("--train-images", type=POSITIVE, default=5000,
                    help="classifiers: images of the seeded split used for calibration and fine-tuning; the rest "
                         "evaluate (default: 5000). Detectors always use all train2017 images")
-    g.add_argument("--img-size", type=int, help="detectors: letterbox size for calibration, fine-tuning and "
+    g.add_argument("--img-size", type=IMG_SIZE, help="detectors: letterbox size for calibration, fine-tuning and "
                                                "evaluation (default: the model's, 640 for YOLOv5)")
-    g.add_argument("--freeze-bn", type=int, default=1,
+    g.add_argument("--freeze-bn", type=NON_NEGATIVE, default=1,
                    help="freeze BN statistics after N steps (default: 1, i.e. fold running statistics after the "
                         "first step, as qdet.QATConfig does: on ResNet20 4-bit it recovered 69 %% of the PTQ drop, "
                         "freezing at 200 only 10 %%; detector batches of 8 give noisy statistics too)")
-    g.add_argument("--freeze-observers", type=int,
+    g.add_argument("--freeze-observers", type=NON_NEGATIVE,
                    help="freeze activation ranges after N steps (default: 250 classifiers, 100 detectors)")
     g.add_argument("--device", default="cpu", help="fine-tuning device, e.g. cuda (evaluation runs on the CPU; "
                                                    "default: cpu)")
@@ -209,6 +275,30 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     )
 
 
+def has_bundled_weights(adapter: Any) -> bool:
+    """Whether `adapter.build(None)` finds pretrained weights of its own (a bundled file)."""
+    bundled = getattr(adapter, "bundled_weights", None)
+    return bundled is not None and Path(bundled()).is_file()
+
+
+def check_weights(adapter: Any, weights: str | None) -> None:
+    """No silent random initialisation: without bundled weights the user passes --weights."""
+    if weights is None and not has_bundled_weights(adapter):
+        raise ConfigError(f"model {adapter.name!r} has no bundled weights; pass --weights PATH (a state-dict file), "
+                          f"or --weights random for an explicit random initialisation")
+
+
+def check_args(adapter: Any, args: argparse.Namespace) -> None:
+    """Every option that depends on the model, checked before anything is built or calibrated."""
+    from qdet.models.base import Task
+
+    check_weights(adapter, getattr(args, "weights", None))
+    if getattr(args, "eval_images", None) is not None and adapter.task is not Task.CLASSIFICATION:
+        raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
+    if getattr(args, "with_reference", False) and adapter.task is not Task.CLASSIFICATION:
+        raise ConfigError("--with-reference is supported for classifiers only")
+
+
 def build_model(adapter: Any, args: argparse.Namespace) -> Any:
     """The float model for `--weights`, with `--num-classes` passed on when given."""
     from qdet.jobs import build_model as build
@@ -222,7 +312,8 @@ def _job_options(args: argparse.Namespace, **extra: Any):
     return JobOptions(
         calib_images=getattr(args, "calib_images", 512), calib_batch=getattr(args, "calib_batch", 32),
         eval_images=args.eval_images, seed=args.seed, runtime=args.runtime, threads=args.threads,
-        repeats=args.repeats, data=args.data, progress=not args.no_progress, **extra,
+        repeats=args.repeats, data=args.data, progress=not args.no_progress,
+        with_reference=getattr(args, "with_reference", False), **extra,
     )
 
 
@@ -234,17 +325,26 @@ def _emit(result: Any, args: argparse.Namespace) -> None:
         print(f"results written to {path}")
 
 
-def cmd_list(_: argparse.Namespace) -> None:
+def cmd_list(args: argparse.Namespace) -> None:
     from qdet.models import REGISTRY
     from qdet.quant.observers import observer_names
-    from qdet.runtimes.base import get_runtime, runtime_names
+    from qdet.runtimes.base import get_runtime, resolve_runtime, runtime_names
 
-    print("models:    " + ", ".join(REGISTRY.names()))
+    models = [{"model": n, "bundled_weights": has_bundled_weights(REGISTRY.get(n))} for n in REGISTRY.names()]
+    print("models (* = bundled weights; the others need --weights PATH, or --weights random):")
+    print("  " + ", ".join(m["model"] + ("*" if m["bundled_weights"] else "") for m in models))
     print("observers: " + ", ".join(observer_names()))
+    runtimes = []
     for name in runtime_names():
         rt = get_runtime(name)
         status = "available" if rt.is_available() else "not installed"
+        runtimes.append({"runtime": name, "available": rt.is_available(), "description": rt.description})
         print(f"runtime {name:12s} {status:14s} {rt.description}")
+    print(f"runtime auto = {resolve_runtime('auto')} here")
+    if args.json:
+        payload = {"models": models, "observers": list(observer_names()), "runtimes": runtimes,
+                   "auto": resolve_runtime("auto")}
+        print(f"results written to {write_text_atomically(args.json, json.dumps(payload, indent=2))}")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -252,6 +352,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
+    check_args(adapter, args)
     model = build_model(adapter, args)
     cfg = config_from_args(args)
     result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
@@ -266,6 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qdet.jobs import compare_job
 
     adapter = api.get_adapter(args.model)
+    check_args(adapter, args)
     model = build_model(adapter, args)
     qm = api.load(args.qmodel, build_model(adapter, args))
     result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
@@ -273,8 +375,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from qdet import api
     from qdet.bench.compare import bench_job
 
+    check_args(api.get_adapter(args.model), args)
     _emit(bench_job(args, config_from_args(args)), args)
 
 
@@ -288,6 +392,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from qdet.runtimes.base import get_runtime
 
     adapter = api.get_adapter(args.model)
+    check_args(adapter, args)
     check_metric_images(adapter, args.search_on)
     if args.search_runtime:
         get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
@@ -433,6 +538,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
     from qdet.qat_jobs import classification_qat_job, detection_qat_job
 
     adapter = api.get_adapter(args.model)
+    check_args(adapter, args)
     job = classification_qat_job if adapter.task is Task.CLASSIFICATION else detection_qat_job
     if job is classification_qat_job and args.img_size is not None:
         raise ConfigError("--img-size is for detectors; classifiers take the folder's images as they are")
@@ -454,6 +560,7 @@ def cmd_export_int(args: argparse.Namespace) -> None:
     from qdet.runtimes.integer_export import export_integer_params
 
     adapter = api.get_adapter(args.model)
+    check_args(adapter, args)
     if args.qmodel:
         qm = api.load(args.qmodel, adapter.build(args.weights))
     else:
@@ -464,6 +571,9 @@ def cmd_export_int(args: argparse.Namespace) -> None:
                           adapter=adapter, progress=opts.progress)
     out = export_integer_params(qm, args.out or f"runs/{args.model}_integer.json")
     print(f"integer parameters of {len(qm.layers)} layers written to {out}")
+    if args.json:
+        payload = {"model": args.model, "layers": len(qm.layers), "out": str(out)}
+        print(f"results written to {write_text_atomically(args.json, json.dumps(payload, indent=2))}")
 
 
 COMMANDS = {"qat": cmd_qat, "export-int": cmd_export_int, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}

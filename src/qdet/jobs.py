@@ -51,6 +51,7 @@ class JobOptions:
     repeats: int = 20
     data: str | None = None
     progress: bool = True
+    with_reference: bool = False  # classifiers: also evaluate the (slow) fake-quant reference simulation
 
 
 def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
@@ -106,7 +107,7 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         f"float ({opts.runtime})": (opts.runtime, lowered_f),
         f"int8 ({opts.runtime})": (opts.runtime, lowered_q),
     }
-    if adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
+    if opts.with_reference and adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
         candidates["int8 (reference simulation)"] = ("reference", qmodel)
     rows: list[dict[str, Any]] = []
     for label, (runtime, fn) in candidates.items():
@@ -125,7 +126,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
             "int8 (reference simulation)": api.save(qmodel, Path(tmp) / "q.qdet").stat().st_size / 1e6,
         }
     for r in rows:
-        r["size_mb"] = sizes.get(r["model"])
+        size = sizes.get(r["model"])
+        r["size_mb"] = None if size is None else round(size, 2)
     if opts.bench:
         x = timing_input(next(iter(calib)))
         timed = api.benchmark({k: (rt, fn, None) for k, (rt, fn) in candidates.items()}, (x,),
@@ -133,6 +135,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         eager, same = timed[0].latency.median_ms, timed[1].latency.median_ms
         for r, t in zip(rows, timed):
             r["latency_ms"] = t.latency.median_ms
+            if t.runtime == "reference" and opts.runtime != "reference":
+                continue  # a simulation, not a deployment: a speed-up would mislead
             r["speedup_vs_eager"] = eager / t.latency.median_ms
             if t.runtime == opts.runtime:
                 r["speedup_vs_same_runtime_fp32"] = same / t.latency.median_ms
@@ -142,7 +146,9 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
     qmodel.metrics = {"rows": rows, **meta}
-    cols = ["model", *metric_keys, f"d_{key}", "size_mb", "latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
+    cols = ["model", *metric_keys, f"d_{key}", "size_mb"]
+    if opts.bench:  # untimed jobs (eval, --no-bench) show no empty latency columns
+        cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
     title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
     return JobResult(title, rows, cols, meta), qmodel
 

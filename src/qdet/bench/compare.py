@@ -20,7 +20,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
     calib = calibration_loader(adapter, opts)
     qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
         model, calib, cfg, adapter=adapter, progress=opts.progress)
-    images = timing_input(next(iter(calib)), args.batch)
+    images = timing_input(next(iter(calib)), args.batch_size)
     batch, shape = len(images), tuple(images[0].shape)
     lowered_f = api.lower(qm, opts.runtime, quantized=False, threads=opts.threads)
     lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)

@@ -39,7 +39,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
 td.s{text-align:left} tr:nth-child(even) td{background:#fafafa}
-.scroll{max-height:520px;overflow:auto;display:inline-block;border:1px solid #eee}
+.scroll{display:inline-block;border:1px solid #eee}
+@media print{.scroll,pre{overflow:visible;max-height:none}table{page-break-inside:auto}tr{page-break-inside:avoid}}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.88em}
 pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.85em;border:1px solid #eee}
 nav a{margin-right:1em}
@@ -103,6 +104,7 @@ def environment_info() -> dict[str, Any]:
         "torch": version("torch"),
         "torchvision": version("torchvision"),
         "onnxruntime": version("onnxruntime"),
+        "openvino": version("openvino"),
         "numpy": version("numpy"),
     }
     if "torch" in sys.modules:
