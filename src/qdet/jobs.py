@@ -18,6 +18,7 @@ from qdet.config import QuantConfig
 from qdet.data.folders import make_loader, seeded_subset
 from qdet.qmodel import QuantizedModel
 from qdet.bench.latency import torch_threads
+from qdet.coverage import coverage
 from qdet.errors import ConfigError
 from qdet.models.base import Task
 from qdet.report.table import format_table
@@ -29,9 +30,10 @@ class JobResult:
     rows: list[dict[str, Any]]
     columns: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed after the table (e.g. the coverage summary)
 
     def table(self) -> str:
-        return format_table(self.rows, self.columns)
+        return "\n".join([format_table(self.rows, self.columns), *self.notes])
 
     def as_dict(self) -> dict[str, Any]:
         return {"title": self.title, "rows": self.rows, "meta": self.meta}
@@ -145,12 +147,14 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         "calibration_batches": qmodel.calibration_batches, "eval_images": len(eval_set),
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
+    cov = coverage(qmodel)
+    meta["coverage"] = cov.as_dict()
     qmodel.metrics = {"rows": rows, **meta}
     cols = ["model", *metric_keys, f"d_{key}", "size_mb"]
     if opts.bench:  # untimed jobs (eval, --no-bench) show no empty latency columns
         cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
     title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
-    return JobResult(title, rows, cols, meta), qmodel
+    return JobResult(title, rows, cols, meta, [cov.table()]), qmodel
 
 
 def headline_metrics(result: Any) -> dict[str, float]:
