@@ -81,7 +81,9 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))  # (H, W, 3) uint8, writable
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot decode image {path}: refused, too many pixels ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
 
 
