@@ -32,7 +32,7 @@ from qdet.config import (
     parse_enum,
 )
 from qdet.errors import ConfigError, QdetError
-from qdet.fileio import write_text_atomically
+from qdet.fileio import check_writable, write_text_atomically
 
 
 def _int_at_least(lo: int, hi: int | None = None):
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
     parser.add_argument("--version", action="version", version=f"qdet {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="models (with bundled weights or not), observers and runtimes qdet knows")
@@ -586,12 +587,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qdet.runtimes.base import resolve_runtime
 
             args.runtime = resolve_runtime(args.runtime)
+        check_writable(getattr(args, "json", None), "--json")
+        if args.command in ("quantize", "qat", "export-int"):
+            check_writable(getattr(args, "out", None), "--out")
         COMMANDS[args.command](args)
     except QdetError as exc:
-        print(f"qdet: error: {exc}", file=sys.stderr)
+        print(f"qdet: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, not a user mistake
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"qdet: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              f"(please report; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

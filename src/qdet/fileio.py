@@ -24,6 +24,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)  # keeps the extension: writers pick the format from it
     os.close(fd)
     tmp = Path(name)
@@ -40,3 +41,40 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """`write_atomically` for UTF-8 text."""
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def remove_stale_temporaries(path: str | Path, older_than_s: float = 3600.0) -> None:
+    """Delete `.<stem>.*.tmp<suffix>` files a killed save left next to `path` (older than an hour)."""
+    import time
+
+    path = Path(path)
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def check_writable(path: str | Path | None, option: str) -> None:
+    """ConfigError naming `option` unless `path` can be written: not a folder, parent a writable folder.
+
+    Called before the work starts so that results are not lost to a bad output path.
+    """
+    from qdet.errors import ConfigError
+
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a folder, expected a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # write_atomically creates missing folders
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {str(path)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {str(path)!r}: folder {str(parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {str(path)!r} is not writable")

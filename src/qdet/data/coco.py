@@ -81,7 +81,9 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))  # (H, W, 3) uint8, writable
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot decode image {path}: refused, too many pixels ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
 
 
@@ -111,7 +113,14 @@ class CocoDetection:
             self.images.append(img)
         self.categories: list[dict[str, Any]] = list(data.get("categories", []))
         self._anns: dict[int, list[dict[str, Any]]] = {}
-        for ann in data.get("annotations", []):
+        for k, ann in enumerate(data.get("annotations", [])):
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise DataError(f"{self.annotations_json}: annotations[{k}] lacks 'image_id'")
+            box = ann.get("bbox")
+            if not (isinstance(box, list) and len(box) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)
+                    and box[2] > 0 and box[3] > 0):
+                raise DataError(f"{self.annotations_json}: annotations[{k}].bbox must be 4 finite numbers with w, h > 0, got {box!r}")
             self._anns.setdefault(ann["image_id"], []).append(ann)
         if verify_files:
             missing = [img["file_name"] for img in self.images if not (self.images_dir / img["file_name"]).is_file()]

@@ -88,6 +88,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
             raise DataError(f"image folder '{self.root}' contains no images with extensions {sorted(exts)}")
         self.transform = transform
         self.target_transform = target_transform
+        self.image_size: tuple[int, int] | None = None  # (w, h) every image must have, when set
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -95,6 +96,9 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, label = self.samples[index]
         image = _load_rgb(path)
+        if self.image_size is not None and image.size != self.image_size:
+            raise DataError(f"image '{path}' is {image.size[0]}x{image.size[1]}, expected "
+                            f"{self.image_size[0]}x{self.image_size[1]} like the rest of the folder")
         x = self.transform(image) if self.transform is not None else image
         y = self.target_transform(label) if self.target_transform is not None else label
         return x, y
@@ -104,7 +108,9 @@ def _load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() forces the decode inside the try, and detaches from the file
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot read image '{path}': refused, too many pixels ({e})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         # PIL raises SyntaxError for some truncated/corrupt PNG chunks.
         raise DataError(f"cannot read image '{path}': {e}") from None
 
@@ -132,6 +138,7 @@ def cifar10_folder(root: str | Path | None = None, *, mean: Sequence[float] = IM
                             transform=classification_transform(mean, std))
     if len(ds.classes) != len(CIFAR10_CLASSES):
         raise DataError(f"CIFAR-10 folder '{ds.root}' has {len(ds.classes)} class folders, expected 10")
+    ds.image_size = (32, 32)
     return ds
 
 
@@ -155,6 +162,8 @@ def imagenette_folder(root: str | Path | None = None, *, resize: int | None = 25
                         f"{', '.join(unknown[:5])}")
     # Models emit 1000 ImageNet logits, so labels must live in that index space too.
     ds.target_transform = _LabelTable([IMAGENETTE_WNID_TO_IMAGENET[c] for c in ds.classes])
+    if crop is None:
+        ds.image_size = (224, 224) if resize is None else None
     return ds
 
 

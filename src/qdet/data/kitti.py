@@ -23,6 +23,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -119,6 +121,8 @@ def parse_label_line(line: str, *, source: str = "<string>") -> KittiObject:
         v = [float(x) for x in fields[1:]]
     except ValueError:
         raise DataError(f"{source}: non-numeric value in KITTI label line {line.strip()!r}") from None
+    if not all(math.isfinite(x) for x in v):
+        raise DataError(f"{source}: non-finite value (nan/inf) in KITTI label line {line.strip()!r}")
     x1, y1, x2, y2 = v[3:7]
     if not (x2 >= x1 and y2 >= y1):
         raise DataError(f"{source}: box ({x1}, {y1}, {x2}, {y2}) has x2 < x1 or y2 < y1")
