@@ -113,7 +113,11 @@ class CocoDetection:
             self.images.append(img)
         self.categories: list[dict[str, Any]] = list(data.get("categories", []))
         self._anns: dict[int, list[dict[str, Any]]] = {}
+        known = {c.get("id") for c in self.categories if isinstance(c, dict)}
         for k, ann in enumerate(data.get("annotations", [])):
+            if isinstance(ann, dict) and known and ann.get("category_id") not in known:
+                raise DataError(f"{self.annotations_json}: annotations[{k}].category_id {ann.get('category_id')!r} "
+                                "is not among the file's categories")
             if not isinstance(ann, dict) or "image_id" not in ann:
                 raise DataError(f"{self.annotations_json}: annotations[{k}] lacks 'image_id'")
             box = ann.get("bbox")
