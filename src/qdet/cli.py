@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from qdet.config import (
     Format,
@@ -50,16 +50,24 @@ def _int_at_least(lo: int, hi: int | None = None):
     return parse
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(lo: float, *, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float > lo (>= lo when `inclusive`); the error names the bound."""
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {lo:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+_positive_float = _finite_float(0.0, inclusive=False)
+_nonnegative_float = _finite_float(0.0, inclusive=True)
 
 
 POSITIVE = _int_at_least(1)
@@ -168,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metric-top", type=NON_NEGATIVE, default=12, metavar="K",
                    help="measure the task metric for the K layers output SQNR ranks most sensitive; 0 = every "
                         "layer (default: 12)")
-    a.add_argument("--max-drop", type=_positive_float, metavar="PTS",
+    a.add_argument("--max-drop", type=_nonnegative_float, metavar="PTS",
                    help="mixed precision: keep the fewest layers float (in sensitivity order) until the task metric "
                         "is within PTS points of float (e.g. 0.3); implies --sensitivity skip when off")
     a.add_argument("--search-runtime", metavar="RUNTIME",
