@@ -85,7 +85,7 @@ def _runtime_help() -> str:
 
 
 def _add_batch_size(p: Any, default: int | None, help: str) -> None:
-    """`--batch-size`, the one name for a batch option; the old spellings stay as hidden aliases."""
+    """`--batch-size`, the one name for a batch option (bench keeps `--batch` as a hidden alias)."""
     p.add_argument("--batch-size", type=POSITIVE, default=default, help=help)
 
 
@@ -329,9 +329,13 @@ def _job_options(args: argparse.Namespace, **extra: Any):
 def _emit(result: Any, args: argparse.Namespace) -> None:
     print(result.title)
     print(result.table())
+    _write_json(args, result.as_dict())
+
+
+def _write_json(args: argparse.Namespace, payload: Any) -> None:
+    """`--json PATH`: the verb's results as JSON, written atomically."""
     if args.json:
-        path = write_text_atomically(args.json, json.dumps(result.as_dict(), indent=2, default=str))
-        print(f"results written to {path}")
+        print(f"results written to {write_text_atomically(args.json, json.dumps(payload, indent=2, default=str))}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -350,10 +354,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         runtimes.append({"runtime": name, "available": rt.is_available(), "description": rt.description})
         print(f"runtime {name:12s} {status:14s} {rt.description}")
     print(f"runtime auto = {resolve_runtime('auto')} here")
-    if args.json:
-        payload = {"models": models, "observers": list(observer_names()), "runtimes": runtimes,
-                   "auto": resolve_runtime("auto")}
-        print(f"results written to {write_text_atomically(args.json, json.dumps(payload, indent=2))}")
+    _write_json(args, {"models": models, "observers": list(observer_names()), "runtimes": runtimes,
+                       "auto": resolve_runtime("auto")})
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -580,9 +582,7 @@ def cmd_export_int(args: argparse.Namespace) -> None:
                           adapter=adapter, progress=opts.progress)
     out = export_integer_params(qm, args.out or f"runs/{args.model}_integer.json")
     print(f"integer parameters of {len(qm.layers)} layers written to {out}")
-    if args.json:
-        payload = {"model": args.model, "layers": len(qm.layers), "out": str(out)}
-        print(f"results written to {write_text_atomically(args.json, json.dumps(payload, indent=2))}")
+    _write_json(args, {"model": args.model, "layers": len(qm.layers), "out": str(out)})
 
 
 COMMANDS = {"qat": cmd_qat, "export-int": cmd_export_int, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}

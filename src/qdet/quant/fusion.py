@@ -186,7 +186,7 @@ def modularize_functional_ops(gm: fx.GraphModule) -> list[str]:
         # the conv/linear subclass that owns the weight is replaced in place: the layer keeps its name
         wnode = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         owner = str(wnode.target).rpartition(".")[0] if isinstance(wnode, fx.Node) else ""
-        owned = owner and isinstance(_attr(gm, owner), (nn.Conv2d, nn.Linear))
+        owned = owner and isinstance(gm.get_submodule(owner), (nn.Conv2d, nn.Linear))
         name = owner if owned else _free_name(gm, owner or node.name)
         _set_submodule(gm, name, module)
         with gm.graph.inserting_before(node):
@@ -216,8 +216,9 @@ def _bind_functional(node: fx.Node) -> dict | None:
         if isinstance(value, fx.Node):
             if value.op != "get_attr" or key not in ("weight", "bias"):
                 return None
-            value = _attr(gm, str(value.target))
-            if not isinstance(value, nn.Parameter):
+            try:
+                value = gm.get_parameter(str(value.target))
+            except AttributeError:  # a buffer or a plain tensor attribute: not a layer's weight
                 return None
         out[key] = value
     out.setdefault("bias", None)
@@ -233,7 +234,7 @@ def _attr(root: nn.Module, path: str) -> object:
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
     """`base` if no submodule/attribute of that path exists yet, else base_1, base_2, ..."""
-    name, i = base.replace("/", "_"), 1
+    name, i = base, 1
     while _exists(gm, name):
         name, i = f"{base}_{i}", i + 1
     return name
