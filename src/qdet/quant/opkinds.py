@@ -74,7 +74,7 @@ _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 
 def module_kind(mod: nn.Module) -> OpKind:
     """The kind of a module called as a graph leaf."""
-    if isinstance(mod, nn.ReLU6):  # before Hardtanh, its base class
+    if isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0):  # nn.ReLU6 is one
         return OpKind.RELU6
     if isinstance(mod, nn.Conv2d):
         return OpKind.CONV
