@@ -1,0 +1,140 @@
+"""Darknet adapters (`darknet-yolov3`, `darknet-yolov4-tiny`, ...): the bundled cfg + a user's .weights.
+
+What is int8: the whole `body` (every convolution, BN folded, activations, shortcuts, routes,
+max-pools, upsamples). What stays float: the [yolo] decode (sigmoid, grid, anchors, exp or
+new_coords) and NMS — the float islands after the region. Quantization itself is qdet's generic path.
+
+    >>> adapter = DarknetAdapter("darknet-yolov3-tiny", "yolov3-tiny.cfg")
+    >>> det = adapter.build("random")
+    >>> [tuple(m.shape) for m in det.body(torch.zeros(1, 3, 128, 128))]
+    [(1, 255, 4, 4), (1, 255, 8, 8)]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from qdet.errors import ConfigError
+from qdet.models.base import Region, Task
+from qdet.models.darknet.cfg import parse_cfg
+from qdet.models.darknet.model import DarknetDetector, build_darknet, init_head_priors
+from qdet.models.darknet.weights import load_darknet_weights
+from qdet.paths import assets_dir
+
+RANDOM_INIT = "random"
+
+
+def darknet_assets() -> Path:
+    return assets_dir() / "darknet"
+
+
+def read_names(path: str | Path) -> list[str]:
+    """A Darknet `.names` file: one class name a line (blank lines ignored)."""
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise ConfigError(f"cannot read class names '{path}': {e.strerror or e}") from None
+
+
+def load_darknet(cfg: str | Path, weights: str | Path | None = None, *, names: Sequence[str] | None = None) -> DarknetDetector:
+    """A `DarknetDetector` from a .cfg and (optionally) a .weights file; float32, eval mode.
+
+    Without weights the model is randomly initialised (PyTorch defaults, head priors as YOLOv5's).
+    """
+    parsed = parse_cfg(cfg)
+    body = build_darknet(parsed)
+    if weights is None or str(weights) == RANDOM_INIT:
+        init_head_priors(body, parsed.net.width)
+    else:
+        load_darknet_weights(body, weights)
+    return DarknetDetector(body, names, parsed.net).eval()
+
+
+@dataclass(frozen=True)
+class DarknetAdapter:
+    """One Darknet cfg. No weights are bundled: `build` needs a .weights path or "random"."""
+
+    name: str
+    cfg_file: str  # a file name under the assets' darknet/ folder, or a path
+    task: Task = Task.DETECTION
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def cfg_path(self) -> Path:
+        p = Path(self.cfg_file)
+        return p if p.is_absolute() or p.exists() else darknet_assets() / self.cfg_file
+
+    @property
+    def img_size(self) -> int:
+        """The cfg's [net] width (the bundled cfgs are square)."""
+        return parse_cfg(self.cfg_path).net.width
+
+    def build(self, weights: str | Path | None = None, **options: Any) -> DarknetDetector:
+        """weights: a Darknet .weights file or "random". Options: cfg (another .cfg of the family),
+        names (a .names file; default the bundled coco.names when the cfg has 80 classes)."""
+        cfg = options.pop("cfg", None) or self.cfg_path
+        names_file = options.pop("names", None)
+        if options:
+            raise ConfigError(f"{self.name}: unknown option(s) {sorted(options)}")
+        if weights is None:
+            raise ConfigError(f"model {self.name!r} has no bundled weights; pass --weights PATH.weights (Darknet format), "
+                              "or --weights random")
+        det = load_darknet(cfg, weights)
+        nc = det.body.yolo_layers[0].classes
+        if names_file is None and nc == 80 and (darknet_assets() / "coco.names").is_file():
+            names_file = darknet_assets() / "coco.names"
+        if names_file is not None:
+            names = read_names(names_file)
+            if len(names) != nc:
+                raise ConfigError(f"{Path(names_file).name} has {len(names)} class names, the cfg has {nc} classes")
+            det.names = names
+        return det
+
+    def regions(self, model: nn.Module) -> list[Region]:
+        return [Region("body")]
+
+    def transform_fn(self, model: nn.Module) -> Callable[[Any], torch.Tensor]:
+        """(images, ids) batches → images: exactly the inference input."""
+        return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    # ---- data (COCO; the YOLOv5 adapter's readers and letterbox) ----
+    def _yolo(self) -> Any:
+        from qdet.models.yolo.adapter import YoloAdapter
+
+        return YoloAdapter("yolov5n", img_size=self.img_size)
+
+    def eval_dataset(self, data: str | Path | None = None) -> Any:
+        return self._yolo().eval_dataset(data)
+
+    def labeled_calibration_dataset(self, data: str | Path | None = None) -> Any:
+        return self._yolo().labeled_calibration_dataset(data)
+
+    def calibration_dataset(self, data: str | Path | None = None) -> Dataset:
+        return self._yolo().calibration_dataset(data)
+
+    def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True) -> Any:
+        """COCO mAP (pycocotools) of a callable returning decoded (B, N, 5+nc) predictions.
+        Darknet's class order is COCO's 80-class order, mapped to COCO category ids."""
+        from qdet.eval.coco import evaluate_coco
+        from qdet.models.yolo.detect import run_yolo_on_coco
+
+        dataset = data if data is not None else self.eval_dataset()
+        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
+        return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
+
+    def frame_input(self, path: str | Path) -> torch.Tensor:
+        return self._yolo().frame_input(path)
+
+    def boxes(self, output: Any, *, conf: float = 0.25, iou: float = 0.45) -> list[torch.Tensor]:
+        return self._yolo().boxes(output, conf=conf, iou=iou)
+
+
+DARKNET_ADAPTERS: Sequence[DarknetAdapter] = tuple(
+    DarknetAdapter(f"darknet-{n}", f"{n}.cfg")
+    for n in ("yolov3", "yolov3-spp", "yolov3-tiny", "yolov4", "yolov4-tiny", "yolov4-csp")
+)
