@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from qdet.errors import ConfigError
 from qdet.models.base import Region, Task
 from qdet.models.darknet.cfg import parse_cfg
-from qdet.models.darknet.model import DarknetDetector, build_darknet, init_head_priors
+from qdet.models.darknet.model import DarknetDetector, build_darknet, random_init_
 from qdet.models.darknet.weights import load_darknet_weights
 from qdet.paths import assets_dir
 
@@ -41,15 +41,16 @@ def read_names(path: str | Path) -> list[str]:
         raise ConfigError(f"cannot read class names '{path}': {e.strerror or e}") from None
 
 
-def load_darknet(cfg: str | Path, weights: str | Path | None = None, *, names: Sequence[str] | None = None) -> DarknetDetector:
+def load_darknet(cfg: str | Path, weights: str | Path | None = None, *, names: Sequence[str] | None = None,
+                 seed: int = 0) -> DarknetDetector:
     """A `DarknetDetector` from a .cfg and (optionally) a .weights file; float32, eval mode.
 
-    Without weights the model is randomly initialised (PyTorch defaults, head priors as YOLOv5's).
+    Without weights (or with "random") the model is randomly initialised by `random_init_(seed=seed)`.
     """
     parsed = parse_cfg(cfg)
     body = build_darknet(parsed)
     if weights is None or str(weights) == RANDOM_INIT:
-        init_head_priors(body, parsed.net.width)
+        random_init_(body, seed=seed)
     else:
         load_darknet_weights(body, weights)
     return DarknetDetector(body, names, parsed.net).eval()
@@ -85,7 +86,7 @@ class DarknetAdapter:
             raise ConfigError(f"model {self.name!r} has no bundled weights; pass --weights PATH.weights (Darknet format), "
                               "or --weights random")
         det = load_darknet(cfg, weights)
-        nc = det.body.yolo_layers[0].classes
+        nc = det.heads[0].classes
         if names_file is None and nc == 80 and (darknet_assets() / "coco.names").is_file():
             names_file = darknet_assets() / "coco.names"
         if names_file is not None:

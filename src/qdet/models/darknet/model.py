@@ -164,17 +164,19 @@ def build_darknet(cfg: DarknetCfg) -> "DarknetBody":
     heads = tuple(i for i, info in enumerate(infos) if info.type == "yolo")
     if not heads:
         raise ConfigError(f"{cfg.source}: no [yolo] layer (this reader builds YOLO detectors)")
-    return DarknetBody(nn.ModuleList(layers), tuple(infos), heads, cfg.source)
+    return DarknetBody(nn.ModuleList(layers), tuple(infos), heads, cfg.source, c_in0)
 
 
 class DarknetBody(nn.Module):
     """(B, C, H, W) → the raw map entering each [yolo] layer, [(B, na·(5+nc), H/s, W/s)], H and W
     multiples of the largest stride. The wiring is Python constants, so torch.fx unrolls the loop."""
 
-    def __init__(self, layers: nn.ModuleList, infos: tuple[LayerInfo, ...], heads: tuple[int, ...], source: str) -> None:
+    def __init__(self, layers: nn.ModuleList, infos: tuple[LayerInfo, ...], heads: tuple[int, ...], source: str,
+                 in_channels: int = 3) -> None:
         super().__init__()
         self.layers = layers
         self.infos, self.heads, self.source = infos, heads, source
+        self.in_channels = in_channels
         read = {j for info in infos for j in info.inputs}
         self._keep = frozenset(read | set(heads))
 
@@ -199,7 +201,7 @@ class DarknetBody(nn.Module):
         return [outs[i] for i in self.heads]
 
 
-def decode_darknet(raw: Sequence[torch.Tensor], heads: Sequence[YoloHead], input_hw: tuple[int, int]) -> torch.Tensor:
+def decode_darknet(raw: Sequence[torch.Tensor], heads: Sequence["YoloSpec | YoloHead"], input_hw: tuple[int, int]) -> torch.Tensor:
     """Float island: raw [yolo] maps → (B, N, 5+nc) of x, y, w, h in input pixels, objectness, class
     probabilities; N in (head, anchor, y, x) order. Darknet's get_yolo_box:
 
@@ -230,25 +232,41 @@ def decode_darknet(raw: Sequence[torch.Tensor], heads: Sequence[YoloHead], input
     return torch.cat(out, 1)
 
 
+@dataclass(frozen=True)
+class YoloSpec:
+    """What decoding needs of one [yolo] layer (plain data: the body may be replaced by a traced graph)."""
+
+    anchors: tuple[tuple[float, float], ...]  # masked anchors (w, h) in input pixels
+    classes: int
+    scale_x_y: float
+    new_coords: bool
+    stride: int
+
+
 class DarknetDetector(nn.Module):
     """`body` (traced and quantized) → `decode` (float island). Input (B, C, H, W) RGB in [0, 1].
 
-    `names`: class names (Darknet's order); `net`: the cfg's [net] input options.
+    `names`: class names (Darknet's order); `net`: the cfg's [net] input options; `heads`: a
+    `YoloSpec` per [yolo] layer, in output order.
     """
 
     def __init__(self, body: DarknetBody, names: Sequence[str] | None = None, net: object | None = None) -> None:
         super().__init__()
-        self.body = body
-        nc = body.yolo_layers[0].classes
+        self.body: nn.Module = body
+        self.heads = tuple(YoloSpec(tuple(h.anchors), h.classes, h.scale_x_y, h.new_coords, s)
+                           for h, s in zip(body.yolo_layers, body.strides))
+        nc = self.heads[0].classes
         self.names = list(names) if names is not None else [str(k) for k in range(nc)]
         self.net = net
 
     def decode(self, raw: Sequence[torch.Tensor], input_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw maps (tensors or arrays, from any runtime) → (B, N, 5+nc) float."""
+        raw = [r if isinstance(r, torch.Tensor) else torch.as_tensor(r) for r in raw]
         if input_hw is None:  # from the first map and its stride
             h, w = raw[0].shape[-2:]
-            s = self.body.strides[0]
+            s = self.heads[0].stride
             input_hw = (h * s, w * s)
-        return decode_darknet(raw, self.body.yolo_layers, input_hw)
+        return decode_darknet(raw, self.heads, input_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.body(x), tuple(x.shape[-2:]))
@@ -268,3 +286,37 @@ def init_head_priors(body: DarknetBody, img_size: int = 416) -> None:
             b[:, 4] += math.log(8 / cells)
             if head.classes > 1:
                 b[:, 5:] += math.log(0.6 / (head.classes - 0.99))
+
+
+def random_init_(body: DarknetBody, *, seed: int = 0, img_size: int = 128) -> DarknetBody:
+    """A random model whose activations look like a trained one's, for tests and `--weights random`.
+
+    PyTorch's default conv init shrinks activations layer after layer (a 24-layer yolov3-tiny's
+    head maps come out constant to 1e-4), which makes quantization error meaningless. Here: conv
+    weights He-normal, BN gamma U(0.5, 1.5), beta N(0, 0.1), then the BN running statistics are set
+    from one forward pass over seeded uniform [0, 1] images (as training would leave them), so every
+    layer's output is roughly normalised; the heads get the objectness/class priors of
+    `init_head_priors`. Deterministic for a seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in body.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the pass below
+        was_training = body.training
+        body.train()
+        body(torch.rand(2, body.in_channels, img_size, img_size, generator=g))
+        body.train(was_training)
+        for m in body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+    init_head_priors(body, img_size)
+    return body
