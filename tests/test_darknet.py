@@ -84,13 +84,14 @@ def test_bundled_cfg_builds_with_darknet_counts_and_shapes(name):
     n_layers, strides, params, floats = BUNDLED[name]
     cfg = parse_cfg(_cfg(name))
     assert (cfg.net.width, cfg.net.channels) == ({"yolov3-spp": 608, "yolov4": 608, "yolov4-csp": 512}.get(name, 416), 3)
-    body = build_darknet(cfg)
+    with torch.device("meta"):  # shapes and counts without initialising 60 M parameters
+        body = build_darknet(cfg)
     assert len(body.layers) == n_layers
     assert body.strides == strides
     assert sum(p.numel() for p in body.parameters()) == params
     assert count_floats(body) == floats
     with torch.no_grad():
-        maps = body(torch.zeros(1, 3, 128, 128))
+        maps = body(torch.zeros(1, 3, 128, 128, device="meta"))
     assert [tuple(m.shape) for m in maps] == [(1, 255, 128 // s, 128 // s) for s in strides]
     assert cfg.net.letter_box == (name == "yolov4-csp")
     if name == "yolov4-csp":
@@ -118,14 +119,15 @@ def test_maxpool_matches_darknets_loop(size, stride, hw):
 
 
 def test_yolov3_tiny_keeps_13x13_through_the_stride_1_maxpool():
-    body = build_darknet(parse_cfg(_cfg("yolov3-tiny")))
+    with torch.device("meta"):
+        body = build_darknet(parse_cfg(_cfg("yolov3-tiny")))
     pool = body.layers[11]
     assert isinstance(pool, DarknetMaxPool) and (pool.size, pool.stride, pool.before, pool.after) == (2, 1, 0, 1)
     shapes = {}
     hooks = [m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(k, tuple(o.shape)))
              for k, m in enumerate(body.layers)]
     with torch.no_grad():
-        body(torch.zeros(1, 3, 416, 416))
+        body(torch.zeros(1, 3, 416, 416, device="meta"))
     for h in hooks:
         h.remove()
     assert shapes[10] == shapes[11] == (1, 512, 13, 13)  # the maxpool at layer 11 keeps 13×13
@@ -291,19 +293,21 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor, *, centered: bool = False) -> fl
     return float(10 * torch.log10(signal.pow(2).mean() / (ref - out).pow(2).mean()))
 
 
-# measured (seed 0, 3×2 calibration images and 2 test images, uniform [0, 1], 128 px):
-# yolov3-tiny raw 28.7 / 30.3 dB, per-channel-centred 14.5 / 15.8 dB; yolov4-tiny raw 25.5 / 26.1,
-# centred 11.5 / 12.2. Floors sit ~2 dB below. Random weights: these bound the arithmetic, not mAP.
-FLOORS = {"darknet-yolov3-tiny": (26.5, 12.5, 11, 13), "darknet-yolov4-tiny": (23.5, 9.5, 19, 21)}
+# SQNR of the two raw head maps, int8 vs float (seed 0, 2×2 calibration images and 2 test images,
+# uniform [0, 1], 128 px). Measured, reference simulation / OpenVINO: yolov3-tiny raw 28.3, 29.8 /
+# 28.4, 29.7 dB; per-channel-centred (the constant objectness/class priors removed) 14.5, 15.5 /
+# 14.6, 15.5 dB. yolov4-tiny raw 25.6, 26.2 / 25.6, 26.3; centred 12.2, 12.4 / 12.2, 12.5.
+# Floors sit ~2 dB below. Random weights: this bounds the arithmetic, it says nothing about mAP.
+FLOORS = {"darknet-yolov3-tiny": (26.5, 12.5, 11, 13), "darknet-yolov4-tiny": (23.5, 10.0, 19, 21)}
 
 
-@pytest.mark.parametrize("name", list(FLOORS))
+@pytest.mark.parametrize("name", ["darknet-yolov3-tiny", pytest.param("darknet-yolov4-tiny", marks=pytest.mark.slow)])
 def test_int8_through_the_generic_path_and_openvino(name):
     raw_floor, centred_floor, n_bn, n_conv = FLOORS[name]
     adapter = api.get_adapter(name)
     det = adapter.build("random")
     g = torch.Generator().manual_seed(0)
-    calib = [torch.rand(2, 3, 128, 128, generator=g) for _ in range(3)]
+    calib = [torch.rand(2, 3, 128, 128, generator=g) for _ in range(2)]
     qm = api.quantize(det, calib, QuantConfig(), adapter=adapter, progress=False)
     cov = qdet.coverage(qm)
     assert (cov.int8_layers, cov.float_layers, cov.folded_batchnorms, cov.unfolded_batchnorms) == (n_conv, 0, n_bn, [])
@@ -324,11 +328,11 @@ def test_int8_through_the_generic_path_and_openvino(name):
     assert sum(n for k, n in ops.items() if k.startswith("Convolution/") and k.split("/")[1] in ("u8", "i8")) == n_conv
     assert not any(k.startswith("Convolution/f") for k in ops), ops
     for r, o in zip(ref, ov):
-        assert _sqnr(r, o) >= raw_floor
+        assert _sqnr(r, o) >= raw_floor and _sqnr(r, o, centered=True) >= centred_floor
 
 
-def test_load_darknet_random_is_seeded():
-    a = load_darknet(_cfg("yolov3-tiny"), "random", seed=3)
-    b = load_darknet(_cfg("yolov3-tiny"), "random", seed=3)
+def test_load_darknet_random_is_seeded(tmp_path):
+    cfg = _write(tmp_path, TOY, "toy.cfg")
+    a, b = load_darknet(cfg, "random", seed=3), load_darknet(cfg, "random", seed=3)
     assert torch.equal(a.body.layers[0].conv.weight, b.body.layers[0].conv.weight)
     assert torch.equal(a.body.layers[0].bn.running_var, b.body.layers[0].bn.running_var)

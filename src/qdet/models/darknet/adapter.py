@@ -63,6 +63,7 @@ class DarknetAdapter:
     name: str
     cfg_file: str  # a file name under the assets' darknet/ folder, or a path
     task: Task = Task.DETECTION
+    weights_kind: str = "a Darknet .weights file"
     input_range: tuple[float, float] = (0.0, 1.0)
 
     @property
