@@ -255,6 +255,9 @@ def test_bad_header_and_partial_floats(tmp_path):
     (lambda t: t.replace("[net]", "width=3\n[net]"), r"bad.cfg:1: option 'width=3' before the first \[section\]"),
     (lambda t: t.replace("[yolo]", "[yolo"), r"bad.cfg:19: malformed section header"),
     (lambda t: t.replace("width=64", "width=-1"), r"bad.cfg:2: \[net\] width=-1 must be >= 1"),
+    (lambda t: t[: t.index("[yolo]")], r"bad.cfg: no \[yolo\] layer"),
+    (lambda t: t.replace("[yolo]", "[maxpool]\nsize=2\nmaxpool_depth=1\n[yolo]"), r"bad.cfg:21: \[maxpool\] maxpool_depth=1"),
+    (lambda t: t.replace("[net]", "[net]\n[net]"), r"bad.cfg:2: a second \[net\] section"),
 ])
 def test_bad_cfg_is_one_line_naming_file_line_and_key(tmp_path, edit, message):
     path = _write(tmp_path, edit(TOY))

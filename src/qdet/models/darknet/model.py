@@ -4,8 +4,7 @@ quantizes) and `DarknetDetector` (body → float decode island).
 Layer i of the cfg (the i-th section after [net]) is `body.layers[i]`, so error messages and module
 names follow Darknet's own numbering (`layers.105.conv` is yolov3's last conv).
 
-    >>> from qdet.errors import ConfigError
-from qdet.models.darknet.cfg import parse_cfg_text
+    >>> from qdet.models.darknet.cfg import parse_cfg_text
     >>> text = ("[net]\\nwidth=64\\nheight=64\\n[convolutional]\\nbatch_normalize=1\\nfilters=8\\nsize=3\\nstride=2\\n"
     ...         "pad=1\\nactivation=leaky\\n[convolutional]\\nfilters=18\\nsize=1\\nactivation=linear\\n"
     ...         "[yolo]\\nmask=0,1\\nanchors=10,14, 23,27\\nclasses=4\\n")
