@@ -149,7 +149,7 @@ def test_decode_of_one_cell_by_hand():
     raw[0, 6:12, 1, 0] = torch.tensor([tx, ty, tw, th, to, tc])
     out = decode_darknet([raw], [head], (64, 64))  # (1, 2·2·2, 6), order (anchor, y, x)
     got = out[0, 1 * 4 + 1 * 2 + 0]
-    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    sig = lambda v: 1 / (1 + math.exp(-v))
     s = 1.05
     want = [(sig(tx) * s - (s - 1) / 2 + 0) * 32, (sig(ty) * s - (s - 1) / 2 + 1) * 32,
             math.exp(tw) * 23, math.exp(th) * 27, sig(to), sig(tc)]
