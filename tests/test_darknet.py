@@ -169,6 +169,8 @@ def test_toy_detector_decodes_through_the_float_island():
         out = det(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 2 * 32 * 32, 9)
     assert float(out[..., 4:].min()) >= 0 and float(out[..., 4:].max()) <= 1
+    with pytest.raises(ConfigError, match="multiples of 2, got \\(1, 3, 63, 64\\)"):
+        det(torch.rand(1, 3, 63, 64))
 
 
 # ---- .weights ---------------------------------------------------------------------------------

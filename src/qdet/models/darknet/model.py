@@ -268,6 +268,9 @@ class DarknetDetector(nn.Module):
         return decode_darknet(raw, self.heads, input_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = max(h.stride for h in self.heads)
+        if x.dim() != 4 or x.shape[-2] % step or x.shape[-1] % step:
+            raise ConfigError(f"Darknet input must be (B, C, H, W) with H and W multiples of {step}, got {tuple(x.shape)}")
         return self.decode(self.body(x), tuple(x.shape[-2:]))
 
 
