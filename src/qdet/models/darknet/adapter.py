@@ -11,6 +11,7 @@ new_coords) and NMS — the float islands after the region. Quantization itself 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -77,15 +78,16 @@ class DarknetAdapter:
         return parse_cfg(self.cfg_path).net.width
 
     def build(self, weights: str | Path | None = None, **options: Any) -> DarknetDetector:
-        """weights: a Darknet .weights file or "random". Options: cfg (another .cfg of the family),
+        """weights: a Darknet .weights file or "random" (None: random, with a warning). Options: cfg (another .cfg of the family),
         names (a .names file; default the bundled coco.names when the cfg has 80 classes)."""
         cfg = options.pop("cfg", None) or self.cfg_path
         names_file = options.pop("names", None)
         if options:
             raise ConfigError(f"{self.name}: unknown option(s) {sorted(options)}")
-        if weights is None:
-            raise ConfigError(f"model {self.name!r} has no bundled weights; pass --weights PATH.weights (Darknet format), "
-                              "or --weights random")
+        if weights is None:  # the CLI refuses this (check_weights); qdet.load overwrites the weights anyway
+            warnings.warn(f"{self.name}: no weights given (none are bundled); using random initialisation "
+                          "(pass a Darknet .weights file)", stacklevel=2)
+            weights = RANDOM_INIT
         det = load_darknet(cfg, weights)
         nc = det.heads[0].classes
         if names_file is None and nc == 80 and (darknet_assets() / "coco.names").is_file():
