@@ -106,36 +106,58 @@ class DarknetAdapter:
         """(images, ids) batches → images: exactly the inference input."""
         return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch
 
-    # ---- data (COCO; the YOLOv5 adapter's readers and letterbox) ----
-    def _yolo(self) -> Any:
-        from qdet.models.yolo.adapter import YoloAdapter
+    # ---- data: COCO through Darknet's preprocessing ----
+    def _net(self) -> Any:
+        return parse_cfg(self.cfg_path).net
 
-        return YoloAdapter("yolov5n", img_size=self.img_size)
+    def _coco(self, split: str, data: str | Path | None) -> Any:
+        from qdet.data.coco import CocoDetection
+
+        root = Path(data) if data else assets_dir() / "coco"
+        return CocoDetection(root / split, root / "annotations" / f"instances_{split}_subset.json")
 
     def eval_dataset(self, data: str | Path | None = None) -> Any:
-        return self._yolo().eval_dataset(data)
+        """COCO val images (default: the bundled 158 val2017 images)."""
+        return self._coco("val2017", data)
 
     def labeled_calibration_dataset(self, data: str | Path | None = None) -> Any:
-        return self._yolo().labeled_calibration_dataset(data)
+        """COCO train images with labels (default: the bundled 160 train2017 images), never the val images."""
+        return self._coco("train2017", data)
 
     def calibration_dataset(self, data: str | Path | None = None) -> Dataset:
-        return self._yolo().calibration_dataset(data)
+        """The calibration images through Darknet's preprocessing (plain resize, or letterbox with letter_box=1)."""
+        from qdet.models.darknet.detect import DarknetCoco
+
+        net = self._net()
+        return DarknetCoco(self.labeled_calibration_dataset(data), (net.width, net.height), net.letter_box)
 
     def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True) -> Any:
-        """COCO mAP (pycocotools) of a callable returning decoded (B, N, 5+nc) predictions.
-        Darknet's class order is COCO's 80-class order, mapped to COCO category ids."""
+        """COCO mAP (pycocotools) of a callable returning decoded (B, N, 5+nc) predictions, with
+        Darknet's preprocessing and `detector map` thresholds (conf 0.005, NMS IoU 0.45). Darknet's
+        class order is COCO's 80-class order, mapped to COCO category ids."""
         from qdet.eval.coco import evaluate_coco
-        from qdet.models.yolo.detect import run_yolo_on_coco
+        from qdet.models.darknet.detect import run_darknet_on_coco
 
         dataset = data if data is not None else self.eval_dataset()
-        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
+        net = self._net()
+        dets = run_darknet_on_coco(model, dataset, getattr(model, "decode", None), size_wh=(net.width, net.height),
+                                   letter_box=net.letter_box, progress=progress)
         return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
 
     def frame_input(self, path: str | Path) -> torch.Tensor:
-        return self._yolo().frame_input(path)
+        """One image file as the network sees it: (3, height, width) float in [0, 1]."""
+        from qdet.data.coco import load_image
+        from qdet.models.darknet.detect import darknet_preprocess
+
+        net = self._net()
+        return darknet_preprocess(load_image(path), (net.width, net.height), letter_box=net.letter_box)[0]
 
     def boxes(self, output: Any, *, conf: float = 0.25, iou: float = 0.45) -> list[torch.Tensor]:
-        return self._yolo().boxes(output, conf=conf, iou=iou)
+        """Decoded (B, N, 5+nc) output → per image (n, 6) x1 y1 x2 y2 score class (display thresholds)."""
+        from qdet.models.yolo.detect import predictions
+        from qdet.models.yolo.postprocess import non_max_suppression
+
+        return non_max_suppression(predictions(output, None), conf, iou, multi_label=False, max_det=100)
 
 
 DARKNET_ADAPTERS: Sequence[DarknetAdapter] = tuple(
