@@ -96,6 +96,10 @@ def test_bundled_cfg_builds_with_darknet_counts_and_shapes(name):
     assert cfg.net.letter_box == (name == "yolov4-csp")
     if name == "yolov4-csp":
         assert all(h.new_coords and h.scale_x_y == 2.0 for h in body.yolo_layers)
+    if name == "yolov3":  # relative and absolute route references: "layers = -4" and "layers = -1, 61"
+        assert [(i, info.inputs) for i, info in enumerate(body.infos) if info.type == "route"] == \
+            [(83, (79,)), (86, (85, 61)), (95, (91,)), (98, (97, 36))]
+        assert body.infos[4].inputs == (3, 1)  # [shortcut] from=-3 at layer 4
 
 
 def test_real_format_file_size_of_yolov3_tiny(tmp_path):
@@ -107,7 +111,7 @@ def test_real_format_file_size_of_yolov3_tiny(tmp_path):
 
 # ---- layer semantics --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size,stride,hw", [(2, 1, 13), (2, 2, 13), (2, 2, 12), (5, 1, 9), (9, 1, 13), (3, 2, 11), (3, 1, 7)])
+@pytest.mark.parametrize("size,stride,hw", [(2, 1, 13), (2, 2, 13), (2, 2, 12), (5, 1, 9), (9, 1, 13), (13, 1, 13), (3, 2, 11), (3, 1, 7)])
 def test_maxpool_matches_darknets_loop(size, stride, hw):
     x = torch.randn(2, 3, hw, hw, generator=torch.Generator().manual_seed(size * 100 + hw)) - 2  # mostly negative
     ref = darknet_maxpool_reference(x, size, stride, size - 1)
