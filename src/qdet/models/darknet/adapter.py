@@ -62,7 +62,7 @@ class DarknetAdapter:
     """One Darknet cfg. No weights are bundled: `build` needs a .weights path or "random"."""
 
     name: str
-    cfg_file: str  # a file name under the assets' darknet/ folder, or a path
+    cfg_file: str  # a bare file name: under the assets' darknet/ folder; otherwise a path
     task: Task = Task.DETECTION
     weights_kind: str = "a Darknet .weights file"
     input_range: tuple[float, float] = (0.0, 1.0)
@@ -70,7 +70,7 @@ class DarknetAdapter:
     @property
     def cfg_path(self) -> Path:
         p = Path(self.cfg_file)
-        return p if p.is_absolute() or p.exists() else darknet_assets() / self.cfg_file
+        return darknet_assets() / p if p.name == self.cfg_file else p  # never a same-named file in the cwd
 
     @property
     def img_size(self) -> int:
