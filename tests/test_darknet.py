@@ -264,6 +264,7 @@ def test_bad_header_and_partial_floats(tmp_path):
     (lambda t: t[: t.index("[yolo]")], r"bad.cfg: no \[yolo\] layer"),
     (lambda t: t.replace("[yolo]", "[maxpool]\nsize=2\nmaxpool_depth=1\n[yolo]"), r"bad.cfg:21: \[maxpool\] maxpool_depth=1"),
     (lambda t: t.replace("[net]", "[net]\n[net]"), r"bad.cfg:2: a second \[net\] section"),
+    (lambda t: t.replace("filters=18", "filters=18\ndilation=2"), r"bad.cfg:16: \[convolutional\] dilation=2 is not supported"),
 ])
 def test_bad_cfg_is_one_line_naming_file_line_and_key(tmp_path, edit, message):
     path = _write(tmp_path, edit(TOY))

@@ -72,6 +72,10 @@ def _build_layer(s: Section, i: int, infos: list[LayerInfo], c_in0: int) -> tupl
     prev_c = infos[-1].channels if infos else c_in0
     prev_s = infos[-1].stride if infos else 1
     if s.type == "convolutional":
+        for key, neutral in (("dilation", 1), ("stride_x", None), ("stride_y", None), ("antialiasing", 0),
+                             ("xnor", 0), ("binary", 0), ("deform", 0), ("share_index", None)):
+            if s.has(key) and (neutral is None or s.integer(key) != neutral):
+                raise s.error(key, f"{key}={s.text(key)} is not supported by this reader")
         filters, size = _positive(s, "filters", 1), _positive(s, "size", 1)
         stride, groups = _positive(s, "stride", 1), _positive(s, "groups", 1)
         padding = size // 2 if s.integer("pad", 0) else s.integer("padding", 0)
@@ -111,8 +115,8 @@ def _build_layer(s: Section, i: int, infos: list[LayerInfo], c_in0: int) -> tupl
     if s.type == "maxpool":
         if s.integer("maxpool_depth", 0):
             raise s.error("maxpool_depth", "maxpool_depth=1 (max over channels) is not supported")
-        size = _positive(s, "size", 1)
-        stride = _positive(s, "stride", size)
+        stride = _positive(s, "stride", 1)  # Darknet's defaults: stride 1, size = stride
+        size = _positive(s, "size", stride)
         pad_total = s.integer("padding", size - 1)
         try:
             pool = DarknetMaxPool(size, stride, pad_total)
