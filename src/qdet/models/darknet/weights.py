@@ -5,7 +5,6 @@ major·10 + minor >= 2, else int32; then, for every [convolutional] layer in cfg
 batch_normalize the BN beta (bias), gamma (weight), running mean, running var, without it the conv
 bias — `filters` floats each — then the conv weights (filters, c_in/groups, size, size); all float32.
 
-    >>> import io, tempfile, os
     >>> from qdet.models.darknet.cfg import parse_cfg_text
     >>> from qdet.models.darknet.model import build_darknet
     >>> body = build_darknet(parse_cfg_text("[net]\\n[convolutional]\\nfilters=6\\nsize=1\\n[yolo]\\nmask=0\\n"
