@@ -147,7 +147,18 @@ def build_quantized(
     """
     work = copy.deepcopy(model).eval()
     inputs = capture_region_inputs(work, [r.path for r in regions], lambda: example_run(work))
-    return _assemble(work, regions, cfg, inputs, model_name, qat=qat)
+    qm = _assemble(work, regions, cfg, inputs, model_name, qat=qat)
+    check_quantizable(qm, type(model).__name__)
+    return qm
+
+
+def check_quantizable(qm: QuantizedModel, what: str) -> None:
+    """A model whose traced graph has no conv, linear or matmul at all has nothing to quantize: an error,
+    never a silently float "int8" model. (Conv/linear kept float, by skip or kind, still count.)"""
+    if not any(rec.kind in ("conv", "linear") for rec in qm.layers):
+        regions = ", ".join(repr(p) for p in qm.regions if p) or "the whole model"
+        raise ConfigError(f"{qm.model_name or what}: no quantizable op in the traced graph of {regions} (no conv, "
+                          f"linear or matmul): nothing would run in int8")
 
 
 def build_quantized_from_shapes(
