@@ -229,7 +229,7 @@ def _add_sizes(rows: list[dict[str, Any]], model: nn.Module, lowered_f: Any, low
             sizes[f"int8 ({runtime})"] = api.save(qm, Path(tmp) / "q.qdet").stat().st_size / 1e6
     for r in rows:
         size = sizes.get(r["model"])
-        r["size_mb"] = None if size is None else round(size, 2)
+        r["size_mb"] = None if size is None else round(size, 4)
 
 
 def _add_latency(rows: list[dict[str, Any]], candidates: dict[str, tuple[str, Callable[..., Any]]], x: Any,

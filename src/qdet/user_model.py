@@ -241,8 +241,10 @@ def exported_to_module(ep: Any) -> nn.Module:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    # a plain GraphModule of the same graph: `.module()`'s own refuses eval()/train()
+    plain = fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    plain.recompile()
+    return plain
 
 
 def _attr_tensor(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
