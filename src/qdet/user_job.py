@@ -137,7 +137,8 @@ def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, in
     cols = ["model", "data", *metric_cols, "size_mb"]
     if opts.bench:
         cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
-    title = (f"{spec.label}: float vs int8 ({len(inputs.eval)} {inputs.data} inputs, {opts.threads} threads)"
+    what = "synthetic inputs" if inputs.data == "synthetic" else inputs.data
+    title = (f"{spec.label}: float vs int8 ({len(inputs.eval)} {what}, {opts.threads} threads)"
              f"\ndata: {inputs.description}")
     return JobResult(title, rows, cols, meta, [cov.table()]), qm
 

@@ -92,9 +92,7 @@ def _defined_functions(path: Path) -> list[str]:
 
 def load_model(spec: ModelFile) -> nn.Module:
     """Build the float model `spec` names, in eval mode."""
-    if not spec.path.is_file():
-        what = "is a folder, not a file" if spec.path.is_dir() else "not found"
-        raise ModelError(f"--model-file {str(spec.path)!r}: {what}")
+    _check_file(spec.path)
     if spec.kind == "python":
         model = _build_from_python(spec)
     elif spec.kind == "exported":
@@ -108,7 +106,7 @@ def load_model(spec: ModelFile) -> nn.Module:
 
 def _describe(exc: BaseException, path: Path) -> str:
     """`TypeError: message (line 12)`, the line being the last frame inside `path`."""
-    message = " ".join(str(exc).split())
+    message = " ".join(str(exc.msg if isinstance(exc, SyntaxError) else exc).split())
     line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
     if line is None:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
@@ -140,7 +138,7 @@ def import_file(path: Path, option: str = "--model-file") -> Any:
     try:
         with _file_dir_on_path(path):
             module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code: any exception is their error, reported in one line
+    except (Exception, SystemExit) as exc:  # the user's code: any exception is their error, in one line
         sys.modules.pop(name, None)
         raise ModelError(f"{option} {str(path)!r}: importing the file raised {_describe(exc, path)}") from None
     return module
@@ -157,7 +155,7 @@ def load_function(path: Path, function: str, option: str = "--model-file") -> An
         hint = f"; functions defined there: {', '.join(names[:8])}" if names else ""
         raise ModelError(f"{option} '{path}:{function}': no function {function!r} in the file{hint}")
     if not callable(fn):
-        raise ModelError(f"{option} '{path}:{function}': {function!r} is a {type(fn).__name__}, not a function")
+        raise ModelError(f"{option} '{path}:{function}': {function!r} is not a function (it is {type(fn).__name__})")
     return fn
 
 
@@ -167,7 +165,7 @@ def _build_from_python(spec: ModelFile) -> nn.Module:
     try:
         with _file_dir_on_path(spec.path):
             model = build()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ModelError(f"--model-file {spec.label!r}: {spec.function}() raised {_describe(exc, spec.path)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model-file {spec.label!r}: {spec.function}() returned {type(model).__name__}, "
@@ -177,12 +175,30 @@ def _build_from_python(spec: ModelFile) -> nn.Module:
 
 # ---------------------------------------------------------------- torch.export programs (.pt2)
 
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ModelError(f"--model-file {str(path)!r}: {what}")
+
+
 def _load_exported(spec: ModelFile) -> Any:
+    import logging
+    import zipfile
+
+    _check_file(spec.path)
+    if not zipfile.is_zipfile(spec.path):
+        raise ModelError(f"--model-file {str(spec.path)!r}: not a torch.export program (a .pt2 file is a zip "
+                         f"archive written by torch.export.save)")
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.ERROR)  # torch logs a traceback before raising on a bad archive
     try:
         return torch.export.load(str(spec.path))
     except Exception as exc:
         raise ModelError(f"--model-file {str(spec.path)!r}: not a torch.export program that torch.export.load can "
                          f"read ({_describe(exc, spec.path)})") from None
+    finally:
+        log.setLevel(level)
 
 
 def exported_input_shape(spec: ModelFile) -> tuple[int | None, tuple[int, ...]] | None:
