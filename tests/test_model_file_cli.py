@@ -151,7 +151,7 @@ def test_exported_program_and_labeled_folder(files, tmp_path, capsys):
     ep = torch.export.export(nets.build().eval(), (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
     torch.export.save(ep, tmp_path / "net.pt2")
     g = torch.Generator().manual_seed(0)
-    for c in ("cat", "dog"):
+    for c in ("3", "7"):  # folders named by class index: labels the 10-way model's outputs can match
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(6):
             pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
@@ -233,3 +233,21 @@ def test_parsers():
     spec = parse_model_file("dir/my_net.py:build")
     assert spec.run_name == "my_net_build" and spec.kind == "python"
     assert parse_model_file("m.pt2").run_name == "m"
+
+
+def test_folder_labels_that_cannot_be_class_indices_are_not_used(files, tmp_path, capsys):
+    """2 class folders named cat/dog vs a 10-way model: no accuracy against the wrong classes."""
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(tmp_path / "data" / c / f"{i}.png")
+    js = tmp_path / "m.json"
+    code, stdout, err = _run(["--model-file", f"{files / 'nets.py'}:build", "--data", str(tmp_path / "data"),
+                              *SMALL, "--runtime", "reference", "--json", str(js), "--out", str(tmp_path / "m.qdet")],
+                             capsys)
+    assert code == 0, err
+    result = json.loads(js.read_text())
+    assert not result["meta"]["labeled"] and "top1" not in result["rows"][0] and "agree_top1" in result["rows"][0]
+    assert "labels not used: 2 class folders vs 10 model outputs" in stdout

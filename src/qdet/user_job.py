@@ -48,6 +48,30 @@ class UserInputs:
     description: str
     labeled: bool
     batch: int | None  # a batch size the model was exported with, else None
+    classes: tuple[str, ...] = ()  # class folder names of a labeled folder
+
+
+def labels_fit(inputs: UserInputs, out: Any) -> UserInputs:
+    """Keep the folder's labels only when they can be the model's class indices: classifier-shaped
+    outputs (B, K) and either K class folders, or folders named by their class index (all < K).
+    Otherwise accuracy would be measured against the wrong classes: agreement with float only."""
+    from dataclasses import replace
+
+    if not inputs.labeled:
+        return inputs
+    logits = _classifier_logits(out)
+    n = len(inputs.classes)
+    if logits is None:
+        why = "the model's output is not (batch, classes) logits"
+    elif all(c.isdigit() for c in inputs.classes) and max(int(c) for c in inputs.classes) < logits.shape[1]:
+        return inputs
+    elif n == logits.shape[1]:
+        return inputs
+    else:
+        why = (f"{n} class folders vs {logits.shape[1]} model outputs (name the folders by class index, 0, 1, ..., "
+               f"to get accuracy)")
+    return replace(inputs, labeled=False,
+                   description=inputs.description.replace(f"labeled ({n} classes)", f"labels not used: {why}"))
 
 
 def user_inputs(spec: ModelFile, *, input_size: str | None, preprocess: str | None, data: str | None,
@@ -77,6 +101,7 @@ def user_inputs(spec: ModelFile, *, input_size: str | None, preprocess: str | No
                           f"{len(calib)} calibration + {len(evalset)} evaluation; agreement with float only, "
                           f"no accuracy", labeled=False, batch=batch)
     folder = FolderImages(data, size, prep)
+    inputs_labeled = folder.labeled
     n = len(folder)
     if n > opts.calib_images:
         calib, rest = seeded_split(folder, opts.calib_images, seed=opts.seed)
@@ -89,7 +114,7 @@ def user_inputs(spec: ModelFile, *, input_size: str | None, preprocess: str | No
     label = (f"labeled ({len(folder.classes)} classes)" if folder.labeled else "unlabeled: agreement with float only")
     return UserInputs(calib, rest, kind,
                       f"{data}: {n} images, {label}; {len(calib)} calibrate, {len(rest)} evaluate ({kind})",
-                      labeled=folder.labeled, batch=batch)
+                      labeled=inputs_labeled, batch=batch, classes=tuple(folder.classes))
 
 
 def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, input_size: str | None = None,
@@ -100,7 +125,7 @@ def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, in
     batch = inputs.batch or opts.calib_batch
     calib = make_loader(inputs.calib, batch, drop_last=inputs.batch is not None and len(inputs.calib) >= batch)
     first = next(iter(calib))[0]
-    check_outputs(model, first[: inputs.batch or 2], spec.label)
+    inputs = labels_fit(inputs, check_outputs(model, first[: inputs.batch or 2], spec.label))
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     try:
