@@ -251,3 +251,28 @@ def test_folder_labels_that_cannot_be_class_indices_are_not_used(files, tmp_path
     result = json.loads(js.read_text())
     assert not result["meta"]["labeled"] and "top1" not in result["rows"][0] and "agree_top1" in result["rows"][0]
     assert "labels not used: 2 class folders vs 10 model outputs" in stdout
+
+
+def test_exported_program_becomes_modules_named_like_the_layers(tmp_path):
+    """ATen conv/linear/batch-norm on the program's parameters → nn modules (same outputs, original names)."""
+    from torch.nn import functional as F
+
+    from qdet.user_model import exported_to_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.w = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            return F.linear(torch.relu(self.bn(self.conv(x))).mean((2, 3)), self.w)
+
+    net = Net().eval()
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), tmp_path / "n.pt2")
+    gm = exported_to_module(torch.export.load(tmp_path / "n.pt2"))
+    kinds = {name: type(m) for name, m in gm.named_modules() if name}
+    assert kinds["conv"] is nn.Conv2d and kinds["bn"] is nn.BatchNorm2d
+    assert any(t is nn.Linear for t in kinds.values()) and "w" not in dict(gm.named_parameters())
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(gm.eval()(x), net(x), atol=1e-6)

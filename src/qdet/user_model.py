@@ -257,6 +257,10 @@ def exported_to_module(ep: Any) -> nn.Module:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n for n, _ in gm.named_buffers(recurse=False)]:
+        if name not in used:
+            delattr(gm, name)  # a root-level tensor now held by the module made from it
     # a plain GraphModule of the same graph: `.module()`'s own refuses eval()/train()
     plain = fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
     plain.recompile()
@@ -276,6 +280,8 @@ def _attr_tensor(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | No
 def _modularize(gm: fx.GraphModule, node: fx.Node) -> None:
     """Replace one ATen conv2d / linear / batch_norm call on get_attr operands by a module call."""
     aten = torch.ops.aten
+    if node.kwargs:
+        return  # export writes these calls positionally; anything else is left as it is
     args = list(node.args)
     tensors = [_attr_tensor(gm, a) for a in args[1:]] if node.target is not aten.batch_norm.default else \
         [_attr_tensor(gm, a) for a in args[1:5]]
@@ -315,17 +321,32 @@ def _modularize(gm: fx.GraphModule, node: fx.Node) -> None:
     _install(gm, node, owner, module)
 
 
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        operator.attrgetter(path)(gm)
+    except AttributeError:
+        return False
+    return True
+
+
 def _as_param(t: torch.Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
 
 
 def _install(gm: fx.GraphModule, node: fx.Node, owner: str, module: nn.Module) -> None:
     """Put `module` at the owner's path (a container of exactly its tensors) or a fresh one, and call it."""
-    name = owner or node.name
+    own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    name = owner
     if owner:
         current = gm.get_submodule(owner)
-        if any(True for _ in current.children()):
-            name = f"{owner}_{node.name}"
+        held = {n for n, _ in current.named_parameters(recurse=False)} | {n for n, _ in current.named_buffers(recurse=False)}
+        if any(True for _ in current.children()) or not held <= own:
+            name = ""  # the container holds more than this layer: keep it, add the layer beside it
+    if not name:
+        base = f"{owner}_{node.name}" if owner else node.name
+        name, i = base, 1
+        while _exists(gm, name):
+            name, i = f"{base}_{i}", i + 1
     parent, _, leaf = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
     with gm.graph.inserting_before(node):
