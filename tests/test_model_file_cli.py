@@ -102,7 +102,8 @@ def files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("user_models")
     (root / "nets.py").write_text(MODELS)
     (root / "import_fails.py").write_text("import torch\nx = 1 / 0\n")
-    (root / "prep.py").write_text("def to_text(image):\n    return 'not a tensor'\n")
+    (root / "prep.py").write_text("def to_text(image):\n    return 'not a tensor'\n\n\n"
+                                  "def centred(image):\n    return image - 0.5\n")
     (root / "empty").mkdir()
     return root
 
@@ -236,7 +237,8 @@ def test_parsers():
 
 
 def test_folder_labels_that_cannot_be_class_indices_are_not_used(files, tmp_path, capsys):
-    """2 class folders named cat/dog vs a 10-way model: no accuracy against the wrong classes."""
+    """2 class folders named cat/dog vs a 10-way model: no accuracy against the wrong classes (and a
+    `file.py:fn` preprocessing)."""
     from PIL import Image
 
     for c in ("cat", "dog"):
@@ -245,7 +247,7 @@ def test_folder_labels_that_cannot_be_class_indices_are_not_used(files, tmp_path
             Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(tmp_path / "data" / c / f"{i}.png")
     js = tmp_path / "m.json"
     code, stdout, err = _run(["--model-file", f"{files / 'nets.py'}:build", "--data", str(tmp_path / "data"),
-                              *SMALL, "--runtime", "reference", "--json", str(js), "--out", str(tmp_path / "m.qdet")],
+                              *SMALL, "--runtime", "reference", "--preprocess", f"{files / 'prep.py'}:centred", "--json", str(js), "--out", str(tmp_path / "m.qdet")],
                              capsys)
     assert code == 0, err
     result = json.loads(js.read_text())
