@@ -140,8 +140,9 @@ def test_model_file_quantizes_every_conv_and_linear(files, tmp_path, capsys, fun
 
 def test_exported_program_and_labeled_folder(files, tmp_path, capsys):
     """A torch.export .pt2 file (input size from the program) calibrated and evaluated on a labeled folder."""
-    from PIL import Image
     import sys
+
+    from PIL import Image
 
     sys.path.insert(0, str(files))
     try:
@@ -158,10 +159,10 @@ def test_exported_program_and_labeled_folder(files, tmp_path, capsys):
             pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
     js = tmp_path / "m.json"
-    code, stdout, err = _run(["--model-file", str(tmp_path / "net.pt2"), "--data", str(tmp_path / "data"),
-                              "--preprocess", "imagenet", "--runtime", "reference", "--calib-images", "8",
-                              "--no-bench", "--no-progress", "--json", str(js), "--out", str(tmp_path / "n.qdet")],
-                             capsys)
+    code, _, err = _run(["--model-file", str(tmp_path / "net.pt2"), "--data", str(tmp_path / "data"),
+                         "--preprocess", "imagenet", "--runtime", "reference", "--calib-images", "8",
+                         "--no-bench", "--no-progress", "--json", str(js), "--out", str(tmp_path / "n.qdet")],
+                        capsys)
     assert code == 0, err
     result = json.loads(js.read_text())
     assert result["meta"]["coverage"]["int8_layers"] == 3 and result["meta"]["coverage"]["folded_batchnorms"] == 2

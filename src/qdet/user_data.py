@@ -22,9 +22,10 @@ preprocessing): "synthetic" data, which measures agreement with float, never acc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,7 +77,7 @@ class UserPreprocess:
     def __call__(self, image: Tensor) -> Tensor:
         try:
             out = self.fn(image)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- the user's function
             raise ModelError(f"--preprocess {self.label!r}: raised {type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:240]}") from None
         if not isinstance(out, Tensor) or not out.is_floating_point():

@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from qdet import api
 from qdet.bench.latency import torch_threads
@@ -31,7 +32,13 @@ from qdet.data.folders import make_loader, seeded_split, seeded_subset
 from qdet.errors import ConfigError, ModelError
 from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, timing_input
 from qdet.qmodel import QuantizedModel
-from qdet.user_data import DEFAULT_INPUT_SIZE, FolderImages, SyntheticImages, parse_input_size, parse_preprocess
+from qdet.user_data import (
+    DEFAULT_INPUT_SIZE,
+    FolderImages,
+    SyntheticImages,
+    parse_input_size,
+    parse_preprocess,
+)
 from qdet.user_model import ModelFile, check_outputs, exported_input_shape, load_model
 
 SYNTHETIC_EVAL_IMAGES = 64  # evaluation images when there is no --data (seeded, disjoint from calibration)
@@ -63,9 +70,8 @@ def labels_fit(inputs: UserInputs, out: Any) -> UserInputs:
     n = len(inputs.classes)
     if logits is None:
         why = "the model's output is not (batch, classes) logits"
-    elif all(c.isdigit() for c in inputs.classes) and max(int(c) for c in inputs.classes) < logits.shape[1]:
-        return inputs
-    elif n == logits.shape[1]:
+    elif n == logits.shape[1] or (all(c.isdigit() for c in inputs.classes)
+                                  and max(int(c) for c in inputs.classes) < logits.shape[1]):
         return inputs
     else:
         why = (f"{n} class folders vs {logits.shape[1]} model outputs (name the folders by class index, 0, 1, ..., "

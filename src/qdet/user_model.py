@@ -21,9 +21,10 @@ import importlib.util
 import operator
 import sys
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -138,7 +139,7 @@ def import_file(path: Path, option: str = "--model-file") -> Any:
     try:
         with _file_dir_on_path(path):
             module_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as exc:  # the user's code: any exception is their error, in one line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the user's code: any exception is theirs, one line
         sys.modules.pop(name, None)
         raise ModelError(f"{option} {str(path)!r}: importing the file raised {_describe(exc, path)}") from None
     return module
@@ -165,7 +166,7 @@ def _build_from_python(spec: ModelFile) -> nn.Module:
     try:
         with _file_dir_on_path(spec.path):
             model = build()
-    except (Exception, SystemExit) as exc:
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the user's function
         raise ModelError(f"--model-file {spec.label!r}: {spec.function}() raised {_describe(exc, spec.path)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model-file {spec.label!r}: {spec.function}() returned {type(model).__name__}, "
@@ -194,7 +195,7 @@ def _load_exported(spec: ModelFile) -> Any:
     log.setLevel(logging.ERROR)  # torch logs a traceback before raising on a bad archive
     try:
         return torch.export.load(str(spec.path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- torch raises many kinds
         raise ModelError(f"--model-file {str(spec.path)!r}: not a torch.export program that torch.export.load can "
                          f"read ({_describe(exc, spec.path)})") from None
     finally:
@@ -363,7 +364,7 @@ def check_outputs(model: nn.Module, x: Any, label: str) -> Any:
     try:
         with torch.no_grad():
             out = model(x)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- the user's forward
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ModelError(f"--model-file {label!r}: the model raised {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:240]} on an input of shape {shape} "
