@@ -99,8 +99,8 @@ def load_model(spec: ModelFile) -> nn.Module:
     elif spec.kind == "exported":
         model = exported_to_module(_load_exported(spec))
     else:
-        raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs an ONNX→PyTorch converter, which qdet "
-                         f"does not have; export the model with torch.export.save(...) as .pt2 or pass the Python "
+        raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs an ONNX→PyTorch converter (e.g. onnx2torch), "
+                         f"which qdet does not use yet; export the model with torch.export.save(...) as .pt2 or pass the Python "
                          f"function that builds it (FILE.py:FUNCTION)")
     return model.eval()
 
