@@ -279,3 +279,10 @@ def test_exported_program_becomes_modules_named_like_the_layers(tmp_path):
     assert any(t is nn.Linear for t in kinds.values()) and "w" not in dict(gm.named_parameters())
     x = torch.randn(1, 3, 8, 8)
     assert torch.allclose(gm.eval()(x), net(x), atol=1e-6)
+
+
+def test_outputs_that_hardly_vary_are_flagged():
+    from qdet.user_job import _varies
+
+    assert _varies(torch.randn(4, 10)) and _varies((torch.randn(2, 3), None))
+    assert not _varies(torch.full((4, 10), 0.3) + 1e-9 * torch.randn(4, 10))

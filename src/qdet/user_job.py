@@ -131,7 +131,11 @@ def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, in
     batch = inputs.batch or opts.calib_batch
     calib = make_loader(inputs.calib, batch, drop_last=inputs.batch is not None and len(inputs.calib) >= batch)
     first = next(iter(calib))[0]
-    inputs = labels_fit(inputs, check_outputs(model, first[: inputs.batch or 2], spec.label))
+    probe = check_outputs(model, first[: inputs.batch or 2], spec.label)
+    inputs = labels_fit(inputs, probe)
+    flat = ("note: the float model's outputs hardly vary across inputs (std < 1e-6; random weights?): agreement "
+            "and SQNR compare noise-level numbers and say little")
+    notes = [] if _varies(probe) else [flat]
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     try:
@@ -171,7 +175,14 @@ def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, in
     what = "synthetic inputs" if inputs.data == "synthetic" else inputs.data
     title = (f"{spec.label}: float vs int8 ({len(inputs.eval)} {what}, {opts.threads} threads)"
              f"\ndata: {inputs.description}")
-    return JobResult(title, rows, cols, meta, [cov.table()]), qm
+    meta["notes"] = notes
+    return JobResult(title, rows, cols, meta, [cov.table(), *notes]), qm
+
+
+def _varies(out: Any) -> bool:
+    """Whether the float outputs differ across the inputs of a batch by more than noise (std >= 1e-6)."""
+    leaves = [t for t in _leaves(out) if t.dim() >= 1 and t.shape[0] > 1]
+    return not leaves or any(float(t.std(dim=0).max()) >= 1e-6 for t in leaves)
 
 
 def _sample_shape(batch: Any) -> tuple[int, ...]:
