@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
+    ap.add_argument("--no-fake-quant", action="store_true",
+                    help="skip the (slow) fake-quant row; the OpenVINO int8 row is still measured")
     ap.add_argument("--json", help="write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,7 +86,8 @@ def main() -> None:
     t = time.perf_counter()
     qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
     print(qdet.coverage(qm).table())
-    row("qdet int8 (fake-quant)", qm, t)
+    if not args.no_fake_quant:
+        row("qdet int8 (fake-quant)", qm, t)
     t = time.perf_counter()
     row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
     if not args.no_nncf:

@@ -81,6 +81,10 @@ class PreparedRegion:
     folded_bn: list[str] = field(default_factory=list)
 
 
+class UntraceableError(ConfigError):
+    """`torch.fx` could not trace a module's forward (data-dependent control flow, unsupported Python)."""
+
+
 class _LeafTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
@@ -98,7 +102,7 @@ def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx
     try:
         graph = tracer.trace(module)
     except Exception as exc:  # fx raises many types; the user needs the module and the reason
-        raise ConfigError(
+        raise UntraceableError(
             f"cannot trace {type(module).__name__} for quantization ({type(exc).__name__}: {exc}); "
             "declare a smaller region or mark the offending submodule as a leaf in the adapter"
         ) from exc
