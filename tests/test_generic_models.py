@@ -202,3 +202,43 @@ def test_untraceable_forward_is_split_into_traceable_submodules() -> None:
     saved = qdet.load(qdet.save(qm, Path(tempfile.mkdtemp()) / "split.qdet"), net)  # regions survive a round trip
     with torch.no_grad():
         assert torch.equal(saved(data[0]), qm(data[0]))
+
+
+class DecodingDetector(nn.Module):
+    """A YOLO-style head whose forward decodes boxes (sigmoid, grid and anchor arithmetic, exp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 16, 3, 2, 1),
+                                  nn.SiLU())
+        self.head = nn.Conv2d(16, 3 * 6, 1)
+        self.register_buffer("anchors", torch.tensor([[10.0, 13.0], [16.0, 30.0], [33.0, 23.0]]).view(1, 3, 1, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.head(self.body(x))
+        b, _, h, w = raw.shape
+        p = raw.view(b, 3, 6, h, w).permute(0, 1, 3, 4, 2)
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        grid = torch.stack((xs, ys), -1).view(1, 1, h, w, 2).float()
+        xy = (p[..., :2].sigmoid() * 2 - 0.5 + grid) * 4
+        wh = torch.exp(p[..., 2:4]) * self.anchors
+        return torch.cat((xy, wh, p[..., 4:].sigmoid()), -1).view(b, -1, 6), raw
+
+
+def test_box_decode_inside_forward_stays_float() -> None:
+    torch.manual_seed(0)
+    net = _random_bn(DecodingDetector())
+    data = [torch.rand(4, 3, 32, 32) for _ in range(3)]
+    qm = quantize(net, data, QuantConfig(), progress=False)
+    cov = qm.metrics["coverage"]
+    assert cov["int8_layers"] == 3 and cov["float_layers"] == 0 and cov["folded_batchnorms"] == 1
+    decode = cov["decode_ops"]
+    assert any("exp" in op for op in decode) and any("meshgrid" in op or "arange" in op for op in decode)
+    assert any("cat" in op for op in decode)  # computed from decoded values: float too
+    with torch.no_grad():
+        (boxes_f, raw_f), (boxes_q, raw_q) = net(data[0]), qm(data[0])
+    assert sqnr_db(raw_f, raw_q) >= 30
+    # decoded in float from int8 head outputs: the box error is the head's error, not a second rounding
+    head_q = qm.model.get_submodule(next(r.quantizer for r in qm.layers if r.name == "head"))
+    assert torch.allclose(raw_q, head_q(raw_q))  # the returned raw map is on the head's int8 grid
+    assert sqnr_db(boxes_f, boxes_q) >= 30

@@ -45,6 +45,7 @@ class Coverage:
     unfolded_batchnorms: list[str] = field(default_factory=list)
     kept_float: list[FloatLayer] = field(default_factory=list)
     untraced: list[dict[str, Any]] = field(default_factory=list)  # modules fx could not trace (run float)
+    decode_ops: list[str] = field(default_factory=list)  # box decoding after the last conv/linear (float)
 
     @property
     def int8_mac_share(self) -> float:
@@ -60,6 +61,9 @@ class Coverage:
                  f"{self.folded_batchnorms} BatchNorms folded"]
         if self.unfolded_batchnorms:
             lines.append(f"  BatchNorms not folded (run float): {', '.join(self.unfolded_batchnorms[:8])}")
+        if self.decode_ops:
+            shown = ", ".join(self.decode_ops[:6]) + (", ..." if len(self.decode_ops) > 6 else "")
+            lines.append(f"  box decode kept float ({len(self.decode_ops)} ops after the last conv/linear): {shown}")
         for u in self.untraced[:8]:
             lines.append(f"  untraceable, its own code runs float: {u['path']} ({u['reason']})")
         for layer in sorted(self.kept_float, key=lambda f: -f.macs)[:8]:
@@ -84,6 +88,7 @@ def coverage(qmodel: Any) -> Coverage:
         unfolded_batchnorms=unfolded,
         kept_float=kept,
         untraced=[asdict(u) for u in untraced],
+        decode_ops=[op for region in qmodel.regions.values() for op in region.float_ops],
     )
 
 

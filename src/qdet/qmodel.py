@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from qdet.config import QuantConfig
 from qdet.coverage import coverage, warn_if_mostly_float
 from qdet.errors import CalibrationError, ConfigError
-from qdet.quant.calibrate import calibrate, default_transform
+from qdet.quant.calibrate import len_or_none, calibrate, default_transform
 from qdet.quant.split import UntracedModule, split_untraceable
 from qdet.quant.prepare import (
     LayerRecord,
@@ -264,7 +264,9 @@ def quantize(
     qm = build_quantized(model, regions, cfg, example_runner(first, transform_fn), model_name=model_name)
     remaining = None if num_batches is None else max(num_batches - 1, 0)
     batches = _chain_first(first, iterator, remaining)
-    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress)
+    total = len_or_none(calib_data)
+    total = num_batches if total is None else total if num_batches is None else min(total, num_batches)
+    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress, total=total)
     cov = coverage(qm)
     qm.metrics["coverage"] = cov.as_dict()
     warn_if_mostly_float(cov)
