@@ -233,7 +233,7 @@ def test_parsers():
     assert torch.allclose(norm(torch.ones(3, 2, 2)), torch.full((3, 2, 2), 2.0))
     assert str(parse_preprocess("imagenet", channels=3)).startswith("mean=0.485")
     spec = parse_model_file("dir/my_net.py:build")
-    assert spec.run_name == "my_net_build" and spec.kind == "python"
+    assert spec.run_name == "my_net_build" and spec.kind.value == "python"
     assert parse_model_file("m.pt2").run_name == "m"
 
 

@@ -39,7 +39,13 @@ from qdet.user_data import (
     parse_input_size,
     parse_preprocess,
 )
-from qdet.user_model import ModelFile, check_outputs, exported_input_shape, load_model
+from qdet.user_model import (
+    ModelFile,
+    ModelKind,
+    check_outputs,
+    exported_input_shape,
+    load_model,
+)
 
 SYNTHETIC_EVAL_IMAGES = 64  # evaluation images when there is no --data (seeded, disjoint from calibration)
 SQNR_CAP_DB = 300.0  # identical outputs
@@ -85,7 +91,7 @@ def user_inputs(spec: ModelFile, *, input_size: str | None, preprocess: str | No
     """Parse `--input-size` / `--preprocess` and build the seeded calibration and evaluation sets."""
     size = parse_input_size(input_size) if input_size is not None else None
     batch = None
-    if spec.kind == "exported":
+    if spec.kind is ModelKind.EXPORTED:
         found = exported_input_shape(spec)
         if found is not None:
             batch, shape = found

@@ -10,7 +10,7 @@ ONNX input needs an ONNX→PyTorch converter, which qdet does not have: a one-li
 Every failure is a `ModelError` naming the file, the function and what went wrong, in one line.
 
     >>> spec = parse_model_file("nets/my_model.py:build")
-    >>> spec.path.name, spec.function, spec.kind, spec.run_name
+    >>> spec.path.name, spec.function, spec.kind.value, spec.run_name
     ('my_model.py', 'build', 'python', 'my_model_build')
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,16 @@ from torch.utils import _pytree as pytree
 
 from qdet.errors import ModelError
 
-_KINDS = {".py": "python", ".pt2": "exported", ".onnx": "onnx"}
+
+class ModelKind(Enum):
+    """What a `--model-file` holds."""
+
+    PYTHON = "python"  # FILE.py:FUNCTION
+    EXPORTED = "exported"  # a torch.export program (.pt2)
+    ONNX = "onnx"
+
+
+_KINDS = {".py": ModelKind.PYTHON, ".pt2": ModelKind.EXPORTED, ".onnx": ModelKind.ONNX}
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class ModelFile:
 
     path: Path
     function: str | None
-    kind: str  # "python", "exported" or "onnx"
+    kind: ModelKind
 
     @property
     def label(self) -> str:
@@ -70,7 +80,7 @@ def parse_model_file(spec: str) -> ModelFile:
     if kind is None:
         raise ModelError(f"--model-file {text!r}: expected FILE.py:FUNCTION (a function returning an nn.Module), "
                          f"a torch.export program (.pt2) or an ONNX file (.onnx)")
-    if kind == "python" and function is None:
+    if kind is ModelKind.PYTHON and function is None:
         raise ModelError(f"--model-file {text!r}: name the function that builds the model, "
                          f"as {path}:FUNCTION{_defined_functions_hint(path)}")
     return ModelFile(path, function, kind)
@@ -94,9 +104,9 @@ def _defined_functions(path: Path) -> list[str]:
 def load_model(spec: ModelFile) -> nn.Module:
     """Build the float model `spec` names, in eval mode."""
     _check_file(spec.path)
-    if spec.kind == "python":
+    if spec.kind is ModelKind.PYTHON:
         model = _build_from_python(spec)
-    elif spec.kind == "exported":
+    elif spec.kind is ModelKind.EXPORTED:
         model = exported_to_module(_load_exported(spec))
     else:
         raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs an ONNX→PyTorch converter (e.g. onnx2torch), "
