@@ -162,11 +162,22 @@ def build_quantized(
                           + "; ".join(f"{u.path}: {u.reason}" for u in untraced[:3]))
     qm = _assemble(work, traceable, cfg, inputs, model_name, qat=qat)
     qm.untraced = untraced
+    check_quantizable(qm, type(model).__name__)
     if untraced:
         warnings.warn("torch.fx could not trace " + "; ".join(f"{u.path} ({u.reason})" for u in untraced[:4])
                       + f": {'its' if len(untraced) == 1 else 'their'} own code runs float, the "
                       f"{len(traceable)} traceable submodules inside are quantized", stacklevel=3)
     return qm
+
+
+def check_quantizable(qm: QuantizedModel, what: str) -> None:
+    """A model whose traced graph has no conv, linear or matmul at all has nothing to quantize: an error,
+    never a silently float "int8" model. (Conv/linear kept float, by skip or kind, still count.)"""
+    if not any(rec.kind in ("conv", "linear") for rec in qm.layers):
+        regions = ", ".join(repr(p) for p in qm.regions if p) or "the whole model"
+        untraced = "; untraced, running float: " + ", ".join(u.path for u in qm.untraced[:4]) if qm.untraced else ""
+        raise ConfigError(f"{qm.model_name or what}: no quantizable op in the traced graph of {regions} (no conv, "
+                          f"linear or matmul): nothing would run in int8{untraced}")
 
 
 def build_quantized_from_shapes(
