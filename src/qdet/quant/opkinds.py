@@ -176,3 +176,31 @@ def op_kind(node: fx.Node, gm: nn.Module | None = None) -> OpKind:
         return _FUNCTIONS.get(target, OpKind.OTHER)
     except TypeError:  # an unhashable target
         return OpKind.OTHER
+
+
+# Ops that decode boxes (anchor/grid arithmetic, exp of sizes, NMS): where they come after the last
+# conv/linear they stay float, with everything between them and the outputs (NNCF keeps NMS/TopK
+# float the same way). Scalar or buffer (anchor grid) operands make mul/add decode arithmetic too.
+_DECODE_FUNCTIONS: set[Any] = {
+    torch.exp, torch.log, operator.sub, torch.sub, operator.truediv, torch.div, operator.pow, torch.pow,
+    torch.meshgrid, torch.arange, torch.stack, torch.topk, torch.sort, torch.where, torch.clamp, torch.sigmoid_,
+}
+_DECODE_METHODS = {"exp", "log", "sub", "div", "pow", "clamp", "topk", "sort", "exp_", "sub_", "div_", "mul_", "add_"}
+_DECODE_NAMES = {"nms", "batched_nms", "box_iou", "roi_align", "grid_sample"}
+
+
+def is_decode_op(node: fx.Node) -> bool:
+    """Box-decode arithmetic or NMS (qdet.quant.prepare keeps it float after the last conv/linear)."""
+    if node.op == "call_method":
+        return node.target in _DECODE_METHODS or (node.target in ("mul", "add") and _has_constant_operand(node))
+    if node.op != "call_function":
+        return False
+    if node.target in _DECODE_FUNCTIONS or getattr(node.target, "__name__", "") in _DECODE_NAMES:
+        return True
+    return node.target in (operator.mul, torch.mul, operator.add, torch.add) and _has_constant_operand(node)
+
+
+def _has_constant_operand(node: fx.Node) -> bool:
+    """A number or a buffer/constant tensor (not a computed activation) as an operand."""
+    return any(not isinstance(a, fx.Node) and isinstance(a, (int, float)) or isinstance(a, fx.Node) and a.op == "get_attr"
+               for a in node.args)

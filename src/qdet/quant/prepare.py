@@ -16,7 +16,6 @@ Names: every quantized layer is named by its module path in the *whole* model (e
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.nn import functional as F
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
 from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
-from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, WEIGHTED, OpKind, module_kind, op_kind
+from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, WEIGHTED, OpKind, is_decode_op, module_kind, op_kind
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
@@ -342,33 +341,6 @@ class _Inserter:
         return any(u.op == "output" for u in node.users)
 
 
-# Ops that decode boxes (anchor/grid arithmetic, exp of sizes, NMS): where they come after the last
-# conv/linear they stay float, with everything between them and the outputs (NNCF keeps NMS/TopK
-# float the same way). Scalar or buffer (anchor grid) operands make mul/add decode arithmetic too.
-_DECODE_FUNCTIONS: set[Any] = {
-    torch.exp, torch.log, operator.sub, torch.sub, operator.truediv, torch.div, operator.pow, torch.pow,
-    torch.meshgrid, torch.arange, torch.stack, torch.topk, torch.sort, torch.where, torch.clamp, torch.sigmoid_,
-}
-_DECODE_METHODS = {"exp", "log", "sub", "div", "pow", "clamp", "topk", "sort", "exp_", "sub_", "div_", "mul_", "add_"}
-_DECODE_NAMES = {"nms", "batched_nms", "box_iou", "roi_align", "grid_sample"}
-
-
-def _is_decode_op(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _DECODE_METHODS or (node.target in ("mul", "add") and _has_constant_operand(node))
-    if node.op != "call_function":
-        return False
-    if node.target in _DECODE_FUNCTIONS or getattr(node.target, "__name__", "") in _DECODE_NAMES:
-        return True
-    return node.target in (operator.mul, torch.mul, operator.add, torch.add) and _has_constant_operand(node)
-
-
-def _has_constant_operand(node: fx.Node) -> bool:
-    """A number or a buffer/constant tensor (not a computed activation) as an operand."""
-    return any(not isinstance(a, fx.Node) and isinstance(a, (int, float)) or isinstance(a, fx.Node) and a.op == "get_attr"
-               for a in node.args)
-
-
 def box_decode_tail(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that decode boxes after the last conv/linear, and what they feed: kept float.
 
@@ -382,13 +354,13 @@ def box_decode_tail(gm: fx.GraphModule) -> set[fx.Node]:
         users = list(node.users)
         if any(u in feeds_weighted or _has_weight(gm, u) for u in users):
             feeds_weighted.add(node)
-        elif any(u in feeds_decode or _is_decode_op(u) for u in users):
+        elif any(u in feeds_decode or is_decode_op(u) for u in users):
             feeds_decode.add(node)
     tail: set[fx.Node] = set()
     for node in nodes:
         if node.op in ("placeholder", "output", "get_attr") or node in feeds_weighted or _has_weight(gm, node):
             continue
-        if _is_decode_op(node) or node in feeds_decode or any(a in tail for a in node.all_input_nodes):
+        if is_decode_op(node) or node in feeds_decode or any(a in tail for a in node.all_input_nodes):
             tail.add(node)
     return tail
 
