@@ -186,7 +186,7 @@ def modularize_functional_ops(gm: fx.GraphModule) -> list[str]:
         # the conv/linear subclass that owns the weight is replaced in place: the layer keeps its name
         wnode = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         owner = str(wnode.target).rpartition(".")[0] if isinstance(wnode, fx.Node) else ""
-        owned = owner and isinstance(gm.get_submodule(owner), (nn.Conv2d, nn.Linear))
+        owned = bool(owner) and _only_holds_weights(gm.get_submodule(owner))
         name = owner if owned else _free_name(gm, owner or node.name)
         _set_submodule(gm, name, module)
         with gm.graph.inserting_before(node):
@@ -200,6 +200,15 @@ def modularize_functional_ops(gm: fx.GraphModule) -> list[str]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return created
+
+
+def _only_holds_weights(module: nn.Module) -> bool:
+    """The conv/linear that owns a functional call's weight — in a GraphModule, the plain holder fx
+    copies for it (a Module with just weight/bias) — so the new module can take its place and name."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return True
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    return type(module) is nn.Module and own <= {"weight", "bias"} and not any(True for _ in module.children())
 
 
 def _bind_functional(node: fx.Node) -> dict | None:
