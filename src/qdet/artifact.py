@@ -270,7 +270,7 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 def _layer(name: str, q: Quantizer | None = None) -> str:
-    layer = q.layer_name if q is not None and q.layer_name else name.rsplit(".", 1)[0]
+    layer = q.layer_name.removesuffix(".weight") if q is not None and q.layer_name else name.rsplit(".", 1)[0]
     return f"tensor {name!r} (layer {layer!r})"
 
 
@@ -358,8 +358,9 @@ def load(
     try:
         qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
                                          input_structures=meta["input_structures"])
-    except QdetError as exc:
-        raise _bad(path, f"fields 'config'/'regions' do not fit {type(model).__name__}: {exc}") from None
+    except QdetError as exc:  # a skip pattern that matches nothing, an input shape the model cannot trace on...
+        text = " ".join(str(exc).split())[:300]
+        raise _bad(path, f"fields 'config'/'regions'/'input_shapes' do not fit {type(model).__name__}: {text}") from None
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:  # shapes the model cannot run on
         text = " ".join(str(exc).split())[:200]
         raise _bad(path, f"fields 'input_shapes'/'input_structures' do not fit {type(model).__name__}: "
