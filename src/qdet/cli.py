@@ -135,10 +135,17 @@ def _add_reference(p: argparse.ArgumentParser) -> None:
                    help="classifiers: also evaluate the fake-quant reference simulation (slow; default: off)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit 2: every bad option reads like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qdet import __version__
 
-    parser = argparse.ArgumentParser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
+    parser = _Parser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
     parser.add_argument("--version", action="version", version=f"qdet {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
