@@ -269,6 +269,15 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return _parse_meta(path, raw), tensors
 
 
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check a .qdet file on its own (readable, schema version, checksum, metadata schema); its metadata.
+
+    What needs the model (tensor names, shapes, qparam ranges) is checked by `load`. The CLI calls
+    this before building anything, so a damaged `--qmodel` fails at once.
+    """
+    return _read_verified(Path(path))[0]
+
+
 def _layer(name: str, q: Quantizer | None = None) -> str:
     layer = q.layer_name.removesuffix(".weight") if q is not None and q.layer_name else name.rsplit(".", 1)[0]
     return f"tensor {name!r} (layer {layer!r})"

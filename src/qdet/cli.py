@@ -605,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable(getattr(args, "json", None), "--json")
         if args.command in ("quantize", "qat", "export-int"):
             check_writable(getattr(args, "out", None), "--out")
+        if getattr(args, "qmodel", None):
+            from qdet.artifact import verify
+
+            verify(args.qmodel)  # a damaged .qdet fails before any model is built
         COMMANDS[args.command](args)
     except QdetError as exc:
         print(f"qdet: error: {' '.join(str(exc).split())}", file=sys.stderr)
