@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qdet.config import LayerOverride, QuantConfig, QuantSpec
+from qdet.config import Format, LayerOverride, Observer, PerChannel, PerTensor, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import QdetError, WeightsError
 from qdet.fileio import write_atomically
 from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes
@@ -170,6 +170,10 @@ def _is_int(v: Any) -> bool:
 def _check_spec(path: Path, spec: Any, where: str) -> None:
     if not isinstance(spec, QuantSpec):
         raise _bad(path, f"field 'config' {where} is not a QuantSpec")
+    if not isinstance(spec.observer, Observer):
+        raise _bad(path, f"field 'config' {where}.observer={spec.observer!r} is not an observer name")
+    if not isinstance(spec.granularity, (PerTensor, PerChannel)):
+        raise _bad(path, f"field 'config' {where}.granularity={spec.granularity!r:.40} is not PerTensor/PerChannel")
     if not _is_int(spec.bits) or not 2 <= spec.bits <= 16:
         raise _bad(path, f"field 'config' {where}.bits={spec.bits!r} is outside 2..16")
     for flag in ("signed", "symmetric", "narrow_range"):
@@ -205,6 +209,11 @@ def _parse_config(path: Path, data: Any) -> QuantConfig:
         for kind in ("weights", "activations"):
             if getattr(o, kind) is not None:
                 _check_spec(path, getattr(o, kind), f"overrides[{i}].{kind}")
+    if not isinstance(cfg.format, Format):
+        raise _bad(path, f"field 'config' format={cfg.format!r} is not one of: {', '.join(f.value for f in Format)}")
+    if not isinstance(cfg.residual, ResidualPolicy):
+        raise _bad(path, f"field 'config' residual={cfg.residual!r} is not one of: "
+                         f"{', '.join(r.value for r in ResidualPolicy)}")
     for flag in ("quantize_outputs", "share_concat_ranges", "fuse_silu"):
         if not isinstance(getattr(cfg, flag), bool):
             raise _bad(path, f"field 'config' {flag}={getattr(cfg, flag)!r} is not true/false")

@@ -70,8 +70,11 @@ _positive_float = _finite_float(0.0, inclusive=False)
 _nonnegative_float = _finite_float(0.0, inclusive=True)
 
 
-POSITIVE = _int_at_least(1)
-NON_NEGATIVE = _int_at_least(0)
+MAX_COUNT = 10**9  # every count option has an upper bound: a typo must not start a job that never ends
+POSITIVE = _int_at_least(1, MAX_COUNT)
+NON_NEGATIVE = _int_at_least(0, MAX_COUNT)
+THREADS = _int_at_least(1, 1024)
+BATCH = _int_at_least(1, 65536)
 SEED = _int_at_least(0, 2**32 - 1)
 IMG_SIZE = _int_at_least(32, 4096)
 BITS = _int_at_least(2, 8)
@@ -86,7 +89,7 @@ def _runtime_help() -> str:
 
 def _add_batch_size(p: Any, default: int | None, help: str) -> None:
     """`--batch-size`, the one name for a batch option (bench keeps `--batch` as a hidden alias)."""
-    p.add_argument("--batch-size", type=POSITIVE, default=default, help=help)
+    p.add_argument("--batch-size", type=BATCH, default=default, help=help)
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -102,7 +105,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
-    g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, default=32, dest="calib_batch",
+    g.add_argument("--calib-batch-size", "--calib-batch", type=BATCH, default=32, dest="calib_batch",
                    help="calibration batch size (default: 32)")
 
 
@@ -119,7 +122,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
     p.add_argument("--runtime", default="auto", help=_runtime_help())
-    p.add_argument("--threads", type=POSITIVE, default=2, help="threads for every timed model (default: 2)")
+    p.add_argument("--threads", type=THREADS, default=2, help="threads for every timed model (default: 2)")
     p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
     _add_json_progress(p)
@@ -211,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_options(b)
     b.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
     _add_batch_size(b, 1, "batch size for timing (default: 1)")
-    b.add_argument("--batch", type=POSITIVE, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
+    b.add_argument("--batch", type=BATCH, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
     _add_qat_parser(sub)
 
     x = sub.add_parser("export-int", help="per-layer integer parameters (M0, n, int32 bias, zero points) as JSON",

@@ -76,7 +76,13 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str
         for k, v in state_dict.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
+    mistyped = [
+        f"{k} is {v.dtype} in file, floating point in model"
+        for k, v in state_dict.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
     problems = [
+        _describe(mistyped, "dtype mismatch", "dtype mismatches"),
         _describe(mismatched, "shape mismatch", "shape mismatches"),
         _describe(missing, "key missing from the file", "keys missing from the file"),
         _describe(unexpected, "unexpected key in the file", "unexpected keys in the file"),

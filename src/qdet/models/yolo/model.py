@@ -330,6 +330,8 @@ def load_weights(model: YOLOv5, weights: str | Path | Mapping[str, torch.Tensor]
     if bad_type is not None:
         raise WeightsError(f"{where}: entry {bad_type!r} is a {type(sd[bad_type]).__name__}, not a tensor")
     for k, v in own.items():
+        if v.is_floating_point() and not sd[k].is_floating_point():
+            raise WeightsError(f"{where} does not fit this YOLOv5 model: {k} is {sd[k].dtype}, expected floating point")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(
                 f"{where} does not fit this YOLOv5 model: {k} has shape {tuple(sd[k].shape)}, model expects {tuple(v.shape)} "
