@@ -220,7 +220,7 @@ def _forged_cases() -> list[tuple[str, dict[str, Any]]]:
             cases.append((f"config.{key}={value!r:.20}", _config_edit(key, value)))
     for field, values in {
         "regions": [["nope"], [1], "x", ["", ""], []],
-        "input_shapes": [{"": [[0, 3, 8, 8]]}, {"": [[-1]]}, {"": [[10**12]]}, {"": [["a"]]}, {}, {"": []},
+        "input_shapes": [{"": [[-2, 3, 8, 8]]}, {"": [[-1]]}, {"": [[10**12]]}, {"": [["a"]]}, {}, {"": [[1.5]]},
                          {"": [[2**20, 2**20]]}, {"": [[1, 3, 8, 8, 1, 1, 1, 1, 1]]}, {"": [[1, 5, 8, 8]]}, [[1]]],
         "int_weights": [[], ["x.weight"], "0.weight", [1], ["0.bias"]],
         "input_structures": [{"": 5}, {"nope": "x"}, [1]],

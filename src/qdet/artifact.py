@@ -239,12 +239,13 @@ def _parse_meta(path: Path, raw: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(shapes, dict) or set(shapes) != set(regions):
         raise _bad(path, f"field 'input_shapes' must have one entry per region {regions}")
     for region, tensors in shapes.items():
-        if not isinstance(tensors, list) or not tensors or len(tensors) > 64:
-            raise _bad(path, f"field 'input_shapes' of region {region!r} must be a list of 1..64 shapes")
+        if not isinstance(tensors, list) or len(tensors) > 64:
+            raise _bad(path, f"field 'input_shapes' of region {region!r} must be a list of at most 64 shapes")
         for shape in tensors:
-            if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_INPUT_DIMS
-                    or not all(_is_int(d) and d >= 1 for d in shape)):
-                raise _bad(path, f"field 'input_shapes' of region {region!r}: {shape!r} is not a shape of 1..8 positive sizes")
+            if (not isinstance(shape, list) or len(shape) > MAX_INPUT_DIMS
+                    or not all(_is_int(d) and d >= 0 for d in shape)):
+                raise _bad(path, f"field 'input_shapes' of region {region!r}: {shape!r} is not a shape of at most "
+                                 f"{MAX_INPUT_DIMS} sizes >= 0")
             if math.prod(shape) > MAX_INPUT_ELEMENTS:
                 raise _bad(path, f"field 'input_shapes' of region {region!r}: {shape} asks for {math.prod(shape):,} "
                                  f"elements (at most {MAX_INPUT_ELEMENTS:,})")
