@@ -344,6 +344,13 @@ def _check_tensors(path: Path, qm: QuantizedModel, meta: Mapping[str, Any], tens
             raise _bad(path, f"{_layer(name)} contains NaN or Inf")
 
 
+def _declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
+    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
+    while path not in leaf_modules and path:
+        path = path.rpartition(".")[0]
+    return leaf_modules.get(path, ())
+
+
 def load(
     path: str | Path,
     model: nn.Module | None = None,
@@ -373,7 +380,7 @@ def load(
             model.get_submodule(region)
         except AttributeError:
             raise _bad(path, f"field 'regions': {region!r} is not a submodule of {type(model).__name__}") from None
-    regions = [RegionSpec(p, tuple(leaf_modules.get(p, ()))) for p in meta["regions"]]
+    regions = [RegionSpec(p, tuple(_declared_leaves(leaf_modules, p))) for p in meta["regions"]]
     try:
         qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
                                          input_structures=meta["input_structures"])

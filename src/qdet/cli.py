@@ -303,7 +303,8 @@ def has_bundled_weights(adapter: Any) -> bool:
 def check_weights(adapter: Any, weights: str | None) -> None:
     """No silent random initialisation: without bundled weights the user passes --weights."""
     if weights is None and not has_bundled_weights(adapter):
-        raise ConfigError(f"model {adapter.name!r} has no bundled weights; pass --weights PATH (a state-dict file), "
+        kind = getattr(adapter, "weights_kind", "a state-dict file")
+        raise ConfigError(f"model {adapter.name!r} has no bundled weights; pass --weights PATH ({kind}), "
                           f"or --weights random for an explicit random initialisation")
 
 
