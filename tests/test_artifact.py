@@ -197,3 +197,11 @@ def test_pickle_with_reduce_payload_is_refused_and_never_run(tmp_path, how):
     with pytest.raises(WeightsError, match="never unpickles"):
         artifact.read_metadata(bad)
     assert not os.path.exists(marker)
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    path = tmp_path / "h.qdet"
+    path.write_bytes((0x80).to_bytes(8, "little") + b'{"__metadata__": {}}' + b" " * 108)
+    assert not artifact._looks_like_pickle(path)
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert artifact._looks_like_pickle(path)

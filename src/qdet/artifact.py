@@ -113,9 +113,13 @@ def _bad(path: Path, what: str) -> WeightsError:
 
 
 def _looks_like_pickle(path: Path) -> bool:
+    """A torch.save zip or a raw pickle stream (PROTO opcode 0x80 + protocol 2..5). A safetensors file
+    starts with its header length (any low byte, 0x80 included) followed by the JSON header's '{'."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save zip, or a raw pickle stream
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _open(path: Path, *, with_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
