@@ -293,7 +293,10 @@ def verify(path: str | Path) -> dict[str, Any]:
 
 
 def _layer(name: str, q: Quantizer | None = None) -> str:
-    layer = q.layer_name.removesuffix(".weight") if q is not None and q.layer_name else name.rsplit(".", 1)[0]
+    if q is not None and q.layer_name:
+        layer = q.layer_name.removesuffix(".weight")
+    else:  # "conv.weight" → "conv", "conv.weight_quant.scale" → "conv"
+        layer = name.rsplit(".", 1)[0].removesuffix(".weight_quant")
     return f"tensor {name!r} (layer {layer!r})"
 
 
