@@ -40,3 +40,35 @@ def test_json_pointing_at_a_folder_fails_before_any_work(tmp_path, capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [f"qdet: error: --json '{tmp_path}' is a folder, expected a file path"]
+
+
+def test_nan_and_constant_evaluation_images_warn() -> None:
+    import torch
+    from torch import nn
+
+    from qdet.eval.classification import evaluate_topk
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    images = torch.rand(4, 3, 2, 2)
+    images[0] = float("nan")
+    images[1] = 0.5
+    with pytest.warns(UserWarning) as record:
+        evaluate_topk(model, [(images, torch.zeros(4, dtype=torch.long))], progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("1 of 4 evaluation images contain NaN or Inf" in m for m in messages)
+    assert any("1 of 4 evaluation images are constant" in m for m in messages)
+
+
+def test_argparse_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "resnet20", "--threads", "2000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert err == ["qdet quantize: error: argument --threads: must be within 1..1024, got 2000 "
+                   "(see `qdet quantize --help`)"]
+
+
+def test_out_in_an_uncreatable_folder_fails_before_any_work(capsys) -> None:
+    code = main(["quantize", "resnet20", "--weights", "random", "--out", "/proc/qdet/x.qdet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--out '/proc/qdet/x.qdet'" in err[0] and "not writable" in err[0]

@@ -124,3 +124,42 @@ def test_resnet20_file_into_resnet56_via_adapter() -> None:
     path = require_asset("weights/cifar10_resnet20.pt")
     with pytest.raises(WeightsError, match="cifar10_resnet20.pt"):
         REGISTRY.get("resnet56").build(weights=path)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/qdet_weights_pwned",))
+
+
+def test_reduce_payload_is_refused_naming_the_global_and_the_fix(tmp_path: Path) -> None:
+    import os
+
+    marker = Path("/tmp/qdet_weights_pwned")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pt"
+    torch.save({"w": _Payload()}, path)
+    with pytest.raises(WeightsError) as exc:
+        load_state_dict_file(path)
+    text = str(exc.value)
+    assert "evil.pt" in text and "refused" in text and "system" in text and "arbitrary code" in text
+    assert "state_dict()" in text and "weights_only=False" not in text  # never advise executing the pickle
+    assert not marker.exists() and os.path.exists(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_weights_are_blamed_on_the_file_naming_the_key(tmp_path: Path, value: float) -> None:
+    state = _toy().state_dict()
+    state["2.bias"][1] = value
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"weights file '.*nan\.pt': tensor '2\.bias' contains NaN or Inf"):
+        load_into(_toy(), load_state_dict_file(path), source=str(path))
+
+
+def test_integer_tensor_where_the_model_has_float_is_a_dtype_mismatch() -> None:
+    state = _toy().state_dict()
+    state["0.weight"] = state["0.weight"].to(torch.int32)
+    with pytest.raises(WeightsError, match=r"1 dtype mismatch, e\.g\. 0\.weight is torch\.int32"):
+        load_into(_toy(), state, source="x.pt")

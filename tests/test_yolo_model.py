@@ -182,3 +182,48 @@ def test_real_yolov5n_checkpoint_layout() -> None:
     torch.testing.assert_close(anchors_px, torch.tensor(ckpt["meta"]["anchors_px"]))
     with pytest.raises(WeightsError, match=YOLOV5N.name):
         load_weights(YOLOv5(yolov5_config("s")), YOLOV5N)
+
+
+# ---- model yaml schema (issue 14) ----
+from qdet.models.yolo.schema import check_model_yaml  # noqa: E402
+
+
+def _edited(fn):
+    cfg = yolov5_config("n")
+    fn(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("backbone"), r"missing field 'backbone'"),
+    (lambda c: c.pop("head"), r"missing field 'head'"),
+    (lambda c: c.update(nc=-5), r"'nc' must be an integer in 1\.\.100000, got -5"),
+    (lambda c: c.update(width_multiple=1e6), r"'width_multiple' must be a number in \(0, 4\]"),
+    (lambda c: c.update(depth_multiple="deep"), r"'depth_multiple' must be a number"),
+    (lambda c: c["backbone"][2].__setitem__(1, "three"), r"backbone\[2\] \(layer 2\) 'number' must be an integer >= 1, got 'three'"),
+    (lambda c: c["head"][2].__setitem__(0, [-1, 99]), r"head\[2\] \(layer 12\) 'from' index 99 does not name an earlier layer"),
+    (lambda c: c["backbone"][1].__setitem__(2, "Transformer"), r"backbone\[1\] \(layer 1\) unknown module 'Transformer'"),
+    (lambda c: c["backbone"][1].__setitem__(3, [64, 3, 0]), r"backbone\[1\] \(layer 1\) Conv stride must be an integer in 1\.\.4"),
+    (lambda c: c.update(anchors=[[10, 13, 16]]), r"'anchors\[0\]' must be an even-length list"),
+    (lambda c: c["head"].pop(), r"the last layer must be Detect|Detect"),
+])
+def test_bad_model_yaml_names_the_field(edit, message):
+    from qdet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^YOLOv5 model yaml: .*" + message):
+        check_model_yaml(_edited(edit))
+
+
+def test_standard_yamls_pass_the_schema():
+    for size in ("n", "s", "m", "l", "x"):
+        assert check_model_yaml(yolov5_config(size))
+
+
+def test_bad_yaml_in_a_checkpoint_is_a_weights_error_naming_file_and_field(tmp_path):
+    from qdet.errors import WeightsError
+
+    net = YOLOv5(yolov5_config("n", width_multiple=0.125))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": net.state_dict(), "meta": {"yaml": _edited(lambda c: c.update(width_multiple=1e6))}}, path)
+    with pytest.raises(WeightsError, match=r"weights file '.*ckpt\.pt': meta\['yaml'\] is invalid: 'width_multiple'"):
+        load_yolov5(path)

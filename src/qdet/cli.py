@@ -71,8 +71,11 @@ _positive_float = _finite_float(0.0, inclusive=False)
 _nonnegative_float = _finite_float(0.0, inclusive=True)
 
 
-POSITIVE = _int_at_least(1)
-NON_NEGATIVE = _int_at_least(0)
+MAX_COUNT = 10**9  # every count option has an upper bound: a typo must not start a job that never ends
+POSITIVE = _int_at_least(1, MAX_COUNT)
+NON_NEGATIVE = _int_at_least(0, MAX_COUNT)
+THREADS = _int_at_least(1, 1024)
+BATCH = _int_at_least(1, 65536)
 SEED = _int_at_least(0, 2**32 - 1)
 IMG_SIZE = _int_at_least(32, 4096)
 BITS = _int_at_least(2, 8)
@@ -87,7 +90,7 @@ def _runtime_help() -> str:
 
 def _add_batch_size(p: Any, default: int | None, help: str) -> None:
     """`--batch-size`, the one name for a batch option (bench keeps `--batch` as a hidden alias)."""
-    p.add_argument("--batch-size", type=POSITIVE, default=default, help=help)
+    p.add_argument("--batch-size", type=BATCH, default=default, help=help)
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -103,7 +106,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
-    g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, default=32, dest="calib_batch",
+    g.add_argument("--calib-batch-size", "--calib-batch", type=BATCH, default=32, dest="calib_batch",
                    help="calibration batch size (default: 32)")
 
 
@@ -123,7 +126,7 @@ def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None
                    "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
     p.add_argument("--runtime", default="auto", help=_runtime_help())
-    p.add_argument("--threads", type=POSITIVE, default=2, help="threads for every timed model (default: 2)")
+    p.add_argument("--threads", type=THREADS, default=2, help="threads for every timed model (default: 2)")
     p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
     _add_json_progress(p)
@@ -139,10 +142,17 @@ def _add_reference(p: argparse.ArgumentParser) -> None:
                    help="classifiers: also evaluate the fake-quant reference simulation (slow; default: off)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit 2: every bad option reads like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qdet import __version__
 
-    parser = argparse.ArgumentParser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
+    parser = _Parser(prog="qdet", description="Quantize CNN classifiers and detectors to int8 and measure what it costs and gains.")
     parser.add_argument("--version", action="version", version=f"qdet {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_options(b)
     b.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
     _add_batch_size(b, 1, "batch size for timing (default: 1)")
-    b.add_argument("--batch", type=POSITIVE, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
+    b.add_argument("--batch", type=BATCH, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
     _add_qat_parser(sub)
 
     x = sub.add_parser("export-int", help="per-layer integer parameters (M0, n, int32 bias, zero points) as JSON",
@@ -648,6 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable(getattr(args, "json", None), "--json")
         if args.command in ("quantize", "qat", "export-int"):
             check_writable(getattr(args, "out", None), "--out")
+        if getattr(args, "qmodel", None):
+            from qdet.artifact import verify
+
+            verify(args.qmodel)  # a damaged .qdet fails before any model is built
         COMMANDS[args.command](args)
     except QdetError as exc:
         print(f"qdet: error: {' '.join(str(exc).split())}", file=sys.stderr)

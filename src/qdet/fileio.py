@@ -74,7 +74,18 @@ def check_writable(path: str | Path | None, option: str) -> None:
         parent = parent.parent  # write_atomically creates missing folders
     if not parent.is_dir():
         raise ConfigError(f"{option} {str(path)!r}: {str(parent)!r} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         raise ConfigError(f"{option} {str(path)!r}: folder {str(parent)!r} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{option} {str(path)!r} is not writable")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can really be created in `folder` (os.access says yes to root on /proc or a read-only mount)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qdet-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True

@@ -71,6 +71,14 @@ def read_coco_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Decode an image file to RGB uint8 (H, W, 3); DataError naming the file when missing or undecodable."""
     from PIL import Image, UnidentifiedImageError
@@ -107,24 +115,49 @@ class CocoDetection:
         data = read_coco_json(self.annotations_json)
         self.as_tensor = as_tensor
         self.images: list[dict[str, Any]] = []
+        src = self.annotations_json
         for k, img in enumerate(data["images"]):
             if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-                raise DataError(f"{self.annotations_json}: images[{k}] lacks 'id' or 'file_name'")
+                raise DataError(f"{src}: images[{k}] lacks 'id' or 'file_name'")
+            if not _is_int(img["id"]):
+                raise DataError(f"{src}: images[{k}].id must be an integer, got {img['id']!r:.60}")
+            if not isinstance(img["file_name"], str) or not img["file_name"].strip() or "\0" in img["file_name"]:
+                raise DataError(f"{src}: images[{k}].file_name must be a non-empty string, got {img['file_name']!r:.60}")
+            for dim in ("height", "width"):
+                if dim in img and (not _is_int(img[dim]) or not 1 <= img[dim] <= 1_000_000):
+                    raise DataError(f"{src}: images[{k}].{dim} must be a positive integer, got {img[dim]!r:.60}")
             self.images.append(img)
+        ids = [img["id"] for img in self.images]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DataError(f"{src}: image id {dup} appears more than once in 'images'")
+        image_ids = set(ids)
         self.categories: list[dict[str, Any]] = list(data.get("categories", []))
+        for k, cat in enumerate(self.categories):
+            if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+                raise DataError(f"{src}: categories[{k}] must be an object with an integer 'id', got {cat!r:.60}")
         self._anns: dict[int, list[dict[str, Any]]] = {}
-        known = {c.get("id") for c in self.categories if isinstance(c, dict)}
+        known = {c["id"] for c in self.categories}
         for k, ann in enumerate(data.get("annotations", [])):
             if isinstance(ann, dict) and known and ann.get("category_id") not in known:
-                raise DataError(f"{self.annotations_json}: annotations[{k}].category_id {ann.get('category_id')!r} "
+                raise DataError(f"{src}: annotations[{k}].category_id {ann.get('category_id')!r:.60} "
                                 "is not among the file's categories")
             if not isinstance(ann, dict) or "image_id" not in ann:
-                raise DataError(f"{self.annotations_json}: annotations[{k}] lacks 'image_id'")
+                raise DataError(f"{src}: annotations[{k}] lacks 'image_id'")
+            if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
+                raise DataError(f"{src}: annotations[{k}].image_id {ann['image_id']!r:.60} is not the id of an "
+                                "image in 'images'")
+            if not known and not _is_int(ann.get("category_id")):
+                raise DataError(f"{src}: annotations[{k}].category_id must be an integer, got {ann.get('category_id')!r:.60}")
+            if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+                raise DataError(f"{src}: annotations[{k}].area must be a finite number >= 0, got {ann['area']!r:.60}")
+            if "iscrowd" in ann and (not _is_int(ann["iscrowd"]) or ann["iscrowd"] not in (0, 1)):
+                raise DataError(f"{src}: annotations[{k}].iscrowd must be 0 or 1, got {ann['iscrowd']!r:.60}")
             box = ann.get("bbox")
             if not (isinstance(box, list) and len(box) == 4
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)
                     and box[2] > 0 and box[3] > 0):
-                raise DataError(f"{self.annotations_json}: annotations[{k}].bbox must be 4 finite numbers with w, h > 0, got {box!r}")
+                raise DataError(f"{src}: annotations[{k}].bbox must be 4 finite numbers with w, h > 0, got {box!r}")
             self._anns.setdefault(ann["image_id"], []).append(ann)
         if verify_files:
             missing = [img["file_name"] for img in self.images if not (self.images_dir / img["file_name"]).is_file()]

@@ -72,13 +72,17 @@ def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader
     if module is not None:
         module.eval()
 
+    from qdet.quant.calibrate import DegenerateImages
+
     correct = {k: 0 for k in ks}
     n = 0
+    tally = DegenerateImages()
     bar = _progress_bar(loader, desc) if progress else None
     try:
         with torch.inference_mode():
             for batch in bar if bar is not None else loader:
                 images, labels = _split(batch)
+                tally.add(images)
                 logits = _as_logits(model_or_callable(images.to(device) if device is not None else images))
                 labels = torch.as_tensor(labels).to(logits.device).reshape(-1)
                 if logits.shape[0] != labels.shape[0]:
@@ -95,6 +99,7 @@ def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader
             module.train(was_training)
     if n == 0:
         raise DataError("the evaluation loader yielded no images")
+    tally.warn("evaluation")
     pct = {k: 100.0 * correct[k] / n for k in ks}
     return TopKResult(top1=pct.get(1, float("nan")), top5=pct.get(5), n_images=n)
 

@@ -87,6 +87,10 @@ def _load_gt(annotations: str | Path | Mapping[str, Any]) -> Any:
     data = copy.deepcopy(dict(annotations)) if isinstance(annotations, Mapping) else read_coco_json(annotations)
     data.setdefault("annotations", [])
     data.setdefault("categories", [])
+    for ann in data["annotations"]:  # pycocotools indexes both; CocoDetection has validated what is present
+        if isinstance(ann, dict) and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
+            ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+            ann.setdefault("iscrowd", 0)
     gt = COCO()
     gt.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

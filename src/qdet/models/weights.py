@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qdet.errors import WeightsError
 
-__all__ = ["load_state_dict_file", "load_into"]
+__all__ = ["load_state_dict_file", "load_into", "check_finite", "read_torch_file"]
 
 # Keys under which training scripts commonly nest the state dict, tried in this order.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -76,7 +76,13 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str
         for k, v in state_dict.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
+    mistyped = [
+        f"{k} is {v.dtype} in file, floating point in model"
+        for k, v in state_dict.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
     problems = [
+        _describe(mistyped, "dtype mismatch", "dtype mismatches"),
         _describe(mismatched, "shape mismatch", "shape mismatches"),
         _describe(missing, "key missing from the file", "keys missing from the file"),
         _describe(unexpected, "unexpected key in the file", "unexpected keys in the file"),
@@ -84,6 +90,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str
     problems = [p for p in problems if p]
     if problems:
         raise WeightsError(f"weights '{source}' do not fit {name}: " + "; ".join(problems))
+    check_finite(state_dict, source)  # NaN weights are the file's fault, not the calibration data's
     # strict=False only to tolerate the optional buffers; everything else was checked above.
     model.load_state_dict(dict(state_dict), strict=False)
     return model
@@ -97,20 +104,50 @@ def _describe(items: list[str], singular: str, plural: str) -> str:
 
 
 def _read_torch(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers; a pickled object is refused, never run."""
+    import re
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses arbitrary classes: most often a whole model saved with torch.save(model).
-        if "Unsupported global" in str(e):
+        # weights_only refuses every class and callable; torch's own text advertises weights_only=False,
+        # which would run whatever the pickle asks for, so we never repeat it.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
             raise WeightsError(
-                f"weights file '{path}' contains pickled Python objects, not just tensors (was a whole model "
-                "saved with torch.save(model)?); qdet never unpickles code: re-save it with "
-                "torch.save(model.state_dict(), path)"
+                f"weights file '{path}' refused: it holds pickled Python objects ({found.group(1)}), not just "
+                "tensors, and unpickling them could run arbitrary code, so qdet never does. If it is a whole "
+                "model saved with torch.save(model), re-save its weights where you trust the file: "
+                "torch.save(model.state_dict(), path), or as .safetensors"
             ) from None
-        # torch's own text here is a long advert for weights_only=False, which we never want to suggest.
-        raise WeightsError(f"weights file '{path}' is corrupt or not a PyTorch file") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise WeightsError(f"weights file '{path}' is corrupt or not a PyTorch state-dict file "
+                           "(its pickle data cannot be read without executing code)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise WeightsError(f"weights file '{path}' is corrupt or unreadable ({_first_line(e)})") from None
+
+
+def check_finite(state: Mapping[str, Tensor], source: str | Path) -> None:
+    """WeightsError naming `source` and the first tensor key holding NaN or Inf.
+
+    >>> check_finite({"w": torch.tensor([1.0, float("nan")])}, "x.pt")
+    Traceback (most recent call last):
+    ...
+    qdet.errors.WeightsError: weights file 'x.pt': tensor 'w' contains NaN or Inf (1 of 2 values); the file is damaged or the training diverged
+    """
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                raise WeightsError(f"weights file '{source}': tensor '{key}' contains NaN or Inf "
+                                   f"({int(bad.sum())} of {value.numel()} values); the file is damaged or the "
+                                   "training diverged")
+
+
+read_torch_file = _read_torch
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -90,12 +90,52 @@ def run_batches(
     if total is None:
         total = num_batches if num_batches is not None else len_or_none(data)
     count = 0
+    tally = DegenerateImages()
     with torch.no_grad():
         for batch in tqdm(it, total=total, desc=desc, disable=not progress, leave=False):
             inputs = transform_fn(batch)
+            tally.add(inputs[0] if isinstance(inputs, tuple) and inputs else inputs)
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             count += 1
+    tally.warn("calibration" if desc.startswith("calibrating") else desc)
     return count
+
+
+class DegenerateImages:
+    """Counts image-batch rows (B, C, H, W) that are NaN/Inf or constant, and warns once at the end.
+
+    A decoded image cannot hold NaN, but a preprocessing step or a user's dataset can; a constant
+    image (all one colour) teaches the observers nothing and is usually a decoding or export mistake.
+
+        >>> import warnings
+        >>> t = DegenerateImages(); t.add(torch.zeros(2, 3, 4, 4))
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always"); t.warn("evaluation")
+        >>> str(w[0].message)
+        '2 of 2 evaluation images are constant (one value everywhere): is the data decoded and preprocessed correctly?'
+    """
+
+    def __init__(self) -> None:
+        self.n = self.nonfinite = self.constant = 0
+
+    def add(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.numel() == 0:
+            return
+        flat = x.detach().reshape(x.shape[0], -1)
+        finite = torch.isfinite(flat).all(1)
+        self.n += x.shape[0]
+        self.nonfinite += int((~finite).sum())
+        self.constant += int((finite & (flat.amax(1) == flat.amin(1))).sum())
+
+    def warn(self, what: str) -> None:
+        import warnings
+
+        if self.nonfinite:
+            warnings.warn(f"{self.nonfinite} of {self.n} {what} images contain NaN or Inf: results computed on "
+                          "them are not meaningful", stacklevel=3)
+        if self.constant:
+            warnings.warn(f"{self.constant} of {self.n} {what} images are constant (one value everywhere): is the "
+                          "data decoded and preprocessed correctly?", stacklevel=3)
 
 
 def len_or_none(data: Iterable[Any]) -> int | None:

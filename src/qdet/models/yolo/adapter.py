@@ -101,7 +101,12 @@ class YoloAdapter:
 
     # ---- data ----
     def coco(self, split: str, data: str | Path | None = None) -> CocoDetection:
-        root = Path(data) if data else assets_dir() / "coco"
+        """`data`: a COCO folder (`<split>/` images + `annotations/instances_<split>_subset.json`), `coco:DIR`, or None."""
+        text = str(data) if data else ""
+        if text.startswith("kitti:"):
+            raise ConfigError(f"--data {text!r}: {self.name} is a COCO detector; pass a COCO folder or coco:DIR")
+        text = text.removeprefix("coco:")
+        root = Path(text) if text else assets_dir() / "coco"
         return CocoDetection(root / split, root / "annotations" / f"instances_{split}_subset.json")
 
     def eval_dataset(self, data: str | Path | None = None) -> CocoDetection:

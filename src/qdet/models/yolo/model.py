@@ -221,25 +221,37 @@ class YOLOv5(nn.Module):
         self, cfg: Mapping[str, Any] | str, *, ch: int = 3, nc: int | None = None, activation: Activation | str = Activation.SILU
     ) -> None:
         super().__init__()
-        if isinstance(cfg, str):
-            import yaml
+        from qdet.models.yolo.schema import check_model_yaml, parse_yaml_text
 
-            cfg = yaml.safe_load(cfg)
+        if isinstance(cfg, str):
+            cfg = parse_yaml_text(cfg)
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"YOLOv5 model yaml: expected a mapping, got a {type(cfg).__name__}")
         self.yaml = dict(copy.deepcopy(cfg))
         if nc is not None:
             self.yaml["nc"] = nc
+        if "ch" not in self.yaml:
+            self.yaml["ch"] = ch
+        check_model_yaml(self.yaml)  # every field typed and bounded before a single layer is allocated
         self.activation = Activation.parse(activation)
-        self.model, self.froms, self.save = build_layers(self.yaml, int(self.yaml.get("ch", ch)), act=self.activation)
-        self.names = [str(i) for i in range(int(self.yaml["nc"]))]
-
+        ch = self.yaml["ch"]
         # Strides from one probe forward (as the reference does), in eval mode so BN stats stay untouched.
-        det = self.detect
         was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            s = 256
-            raw = self.forward_raw(torch.zeros(1, int(self.yaml.get("ch", ch)), s, s))
+        try:
+            self.model, self.froms, self.save = build_layers(self.yaml, ch, act=self.activation)
+            self.names = [str(i) for i in range(int(self.yaml["nc"]))]
+            det = self.detect
+            self.eval()
+            with torch.no_grad():
+                s = 256
+                raw = self.forward_raw(torch.zeros(1, ch, s, s))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # wiring the schema cannot see, e.g. map sizes
+            raise ConfigError(f"YOLOv5 model yaml: the layer table does not run ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
         self.train(was_training)
+        if any(r.shape[-2] == 0 or s % r.shape[-2] for r in raw):
+            raise ConfigError(f"YOLOv5 model yaml: Detect maps {[tuple(r.shape[-2:]) for r in raw]} do not divide a "
+                              f"{s}-pixel input into whole strides")
         det.stride = tuple(float(s // r.shape[-2]) for r in raw)
         self.stride = det.stride
         # The state dict stores anchors in grid units of each level (pixels / stride).
@@ -278,13 +290,12 @@ class YOLOv5(nn.Module):
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    from qdet.models.weights import read_torch_file
+
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or pickled-code files all land here
-        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+        raise WeightsError(f"weights file '{path}' does not exist" if not path.exists() else f"weights path '{path}' is not a file")
+    obj = read_torch_file(path)  # weights_only: a pickled object is refused with the reason, never run
     if not isinstance(obj, dict):
         raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, expected a state dict")
     return obj
@@ -305,6 +316,8 @@ def load_weights(model: YOLOv5, weights: str | Path | Mapping[str, torch.Tensor]
     else:
         sd = weights
     where = source or "the given state dict"
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+        raise WeightsError(f"{where} does not hold a state dict (found a {type(sd).__name__})")
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -313,12 +326,20 @@ def load_weights(model: YOLOv5, weights: str | Path | Mapping[str, torch.Tensor]
             f"{where} does not fit this YOLOv5 model: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
+    bad_type = next((k for k in own if not isinstance(sd[k], torch.Tensor)), None)
+    if bad_type is not None:
+        raise WeightsError(f"{where}: entry {bad_type!r} is a {type(sd[bad_type]).__name__}, not a tensor")
     for k, v in own.items():
+        if v.is_floating_point() and not sd[k].is_floating_point():
+            raise WeightsError(f"{where} does not fit this YOLOv5 model: {k} is {sd[k].dtype}, expected floating point")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(
                 f"{where} does not fit this YOLOv5 model: {k} has shape {tuple(sd[k].shape)}, model expects {tuple(v.shape)} "
                 "(a different size n/s/m/l or class count?)"
             )
+    from qdet.models.weights import check_finite
+
+    check_finite(sd, where)  # NaN weights are the file's fault, not the calibration data's
     # fp16 checkpoint → float32 model: qdet calibrates and measures error against a float32 reference.
     model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()})
     return model
@@ -339,10 +360,18 @@ def load_yolov5(path: str | Path, *, activation: Activation | str = Activation.S
     try:
         model = YOLOv5(meta["yaml"], activation=activation)
     except ConfigError as e:
-        raise WeightsError(f"{path}: the model yaml in its meta is invalid: {e}") from None
+        raise WeightsError(f"weights file '{path}': meta['yaml'] is invalid: {str(e).removeprefix('YOLOv5 model yaml: ')}") from None
     load_weights(model, ckpt["state_dict"], source=str(path))
     if "names" in meta:
-        model.names = list(meta["names"])
-    if "stride" in meta and tuple(float(s) for s in meta["stride"]) != model.stride:
-        raise WeightsError(f"{path}: meta stride {meta['stride']} differs from the built model's {model.stride}")
+        names = meta["names"]
+        if isinstance(names, dict):  # ultralytics also writes {index: name}
+            names = [names[k] for k in sorted(names)] if all(isinstance(k, int) for k in names) else None
+        if not isinstance(names, (list, tuple)) or len(names) != model.detect.nc or not all(isinstance(n, str) for n in names):
+            raise WeightsError(f"{path}: meta 'names' must be {model.detect.nc} class-name strings (one per class)")
+        model.names = list(names)
+    if "stride" in meta:
+        stride = meta["stride"]
+        if (not isinstance(stride, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stride)
+                or tuple(float(v) for v in stride) != model.stride):
+            raise WeightsError(f"{path}: meta 'stride' {stride!r:.60} differs from the built model's {model.stride}")
     return model.float().eval()
