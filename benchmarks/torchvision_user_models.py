@@ -15,6 +15,9 @@ downloaded. Calibration uses REAL images: a seeded subset of `../shared/assets/i
 those calibration images (cumulative average, train-mode forward), so activations have realistic
 ranges instead of the untrained 0/1 defaults. The SQNR images are a disjoint seeded subset.
 Accuracy is not measured (random weights); speed and coverage do not depend on the weights' values.
+The int8 SQNR of a random-weight network is low (random deep nets amplify any perturbation with
+depth), so a control is printed next to it: the float model's logits SQNR when only its input gets
+Gaussian noise at 40 dB.
 
     python benchmarks/torchvision_user_models.py --repeats 30 --threads 2
     python benchmarks/torchvision_user_models.py --models convnext_tiny --repeats 2   # correctness only
@@ -39,6 +42,7 @@ from qdet.bench.latency import torch_threads
 from qdet.data.folders import imagenette_folder, make_loader, seeded_split
 
 MODELS = ("mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d", "convnext_tiny")
+NOISE_DB = 40.0  # input-noise control: about one int8 quantization step's worth of noise
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
 
 
@@ -76,6 +80,15 @@ def set_bn_statistics(model: torch.nn.Module, batches: list[torch.Tensor]) -> No
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     err = float((ref - out).double().pow(2).mean())
     return 10 * math.log10(float(ref.double().pow(2).mean()) / max(err, 1e-30))
+
+
+def input_noise_control(model: torch.nn.Module, x: torch.Tensor, snr_db: float) -> float:
+    """Logits SQNR of the FLOAT model when its input alone gets Gaussian noise at `snr_db`: how much a
+    random-weight network amplifies a small perturbation (the yardstick for the int8 SQNR)."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    noise *= x.norm() / noise.norm() / 10 ** (snr_db / 20)
+    with torch.no_grad():
+        return sqnr_db(model(x), model(x + noise))
 
 
 def time_round_robin(fns: dict[str, Callable[[], Any]], *, threads: int, warmup: int, repeats: int,
@@ -151,13 +164,17 @@ def main() -> None:
         for w in caught:
             if "MACs are int8" in str(w.message):
                 print(f"  warning: {w.message}")
+        with torch_threads(args.threads):
+            control = input_noise_control(model, held_out, NOISE_DB)
         print(f"  logits SQNR vs float eager: int8 OpenVINO {sqnr_db(ref, out):.1f} dB, fp32 OpenVINO "
-              f"{sqnr_db(ref, out_f):.1f} dB ({len(held_out)} held-out images)")
+              f"{sqnr_db(ref, out_f):.1f} dB ({len(held_out)} held-out images); control: float model with "
+              f"{NOISE_DB:.0f} dB noise on its input only: {control:.1f} dB")
         rows.append({"model": name, "conv_linear_layers": cov.int8_layers + cov.float_layers,
                      "int8_layers": cov.int8_layers, "int8_mac_share": round(cov.int8_mac_share, 4),
                      "total_gmacs": round(cov.total_macs / 1e9, 3), "folded_bn": cov.folded_batchnorms,
                      "unfolded_bn": len(cov.unfolded_batchnorms), "openvino": rc.as_dict(),
                      "sqnr_int8_db": round(sqnr_db(ref, out), 2), "sqnr_fp32_ov_db": round(sqnr_db(ref, out_f), 2),
+                     "sqnr_input_noise_control_db": round(control, 2),
                      "kept_float": [f.__dict__ for f in cov.kept_float]})
         fns[f"{name} fp32"] = lambda f=fp32: f(x1)
         fns[f"{name} int8"] = lambda f=int8: f(x1)
