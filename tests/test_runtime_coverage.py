@@ -178,3 +178,24 @@ def test_classify_and_sum() -> None:
     assert (total.int8_convs, total.float_convs, total.int8_matmuls, total.float_matmuls) == (3, 1, 1, 0)
     assert total.float_names == ["c2"]
     assert total.summary().startswith("x executes 3 of 4 convolutions and 1 of 1 matmuls in int8; float: c2")
+
+
+def test_a_conv_the_runtime_keeps_float_is_counted_named_and_warned() -> None:
+    """onnxruntime has no int8 conv+SiLU kernel: with fuse_silu the conv before SiLU runs fp32 there
+    (DequantizeLinear → Conv → SiLU), while OpenVINO fuses it into its int8 conv."""
+    import warnings
+
+    from qdet.coverage import warn_if_runtime_float
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    qm = qdet.quantize(net, [torch.rand(2, 3, 12, 12)], qdet.QuantConfig(fuse_silu=True), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lower() itself warns about SiLU on onnxruntime
+        ort = qdet.lower(qm, "onnxruntime", threads=1)
+    rc = qdet.runtime_coverage(ort)
+    assert (rc.int8_convs, rc.float_convs) == (1, 1) and rc.float_names == ["0/Conv"], rc
+    with pytest.warns(UserWarning, match=r"onnxruntime executes 1 of 2 convolutions .* float: 0/Conv"):
+        warn_if_runtime_float(rc)
+    if "openvino" in RUNTIMES:
+        assert qdet.runtime_coverage(qdet.lower(qm, "openvino", threads=1)).float_convs == 0

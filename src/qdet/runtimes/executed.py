@@ -137,6 +137,7 @@ def _rt(info: Any, key: str) -> str:
 
 
 def _name(region: str, name: str) -> str:
-    """A runtime node name without the exporter's wrapper prefix, under its region's path."""
-    name = name.removeprefix("/inner/").removeprefix("/inner").strip("/")
-    return f"{region}:{name}" if region else name
+    """A runtime node name as the layer's module path in the whole model, then the runtime op
+    ("/inner/inner.features.0.0/Conv" in region "backbone" → "backbone.features.0.0/Conv")."""
+    name = name.removeprefix("/inner/").removeprefix("inner.").strip("/")  # the exporter's _Flat wrapper
+    return f"{region}.{name}" if region else name
