@@ -8,8 +8,8 @@ from typing import Any
 
 from qdet import api
 from qdet.config import QuantConfig
-from qdet.runtimes.executed import runtime_coverage
 from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, timing_input
+from qdet.runtimes.executed import runtime_coverage
 
 
 def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
