@@ -21,6 +21,7 @@ Gaussian noise at 40 dB.
 
     python benchmarks/torchvision_user_models.py --repeats 30 --threads 2
     python benchmarks/torchvision_user_models.py --models convnext_tiny --repeats 2   # correctness only
+    python benchmarks/torchvision_user_models.py --silu decomposed --onnxruntime --repeats 2  # + onnxruntime counts
 """
 from __future__ import annotations
 
@@ -127,6 +128,9 @@ def main() -> None:
     ap.add_argument("--sqnr-images", type=int, default=16)
     ap.add_argument("--silu", choices=("fused", "decomposed"), default="fused",
                     help="QuantConfig.fuse_silu (fused: what `qdet quantize --runtime openvino` uses)")
+    ap.add_argument("--onnxruntime", action="store_true",
+                    help="also lower to onnxruntime and print its int8 conv/matmul count (untimed; with --silu "
+                         "fused the convs before SiLU run float there: onnxruntime has no int8 conv+SiLU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args()
@@ -159,6 +163,10 @@ def main() -> None:
             ref, out, out_f = model(held_out), int8(held_out), fp32(held_out)
         cov = qdet.coverage(qm, lowered=int8)
         rc = cov.runtime["openvino"]
+        if args.onnxruntime:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fused-SiLU warning; the count below says it
+                cov.add_runtime(qdet.lower(qm, "onnxruntime", threads=args.threads))
         print(f"\n== {name} (random weights): quantized in {quant_s:.0f} s")
         print(cov.table())
         for w in caught:
@@ -173,6 +181,7 @@ def main() -> None:
                      "int8_layers": cov.int8_layers, "int8_mac_share": round(cov.int8_mac_share, 4),
                      "total_gmacs": round(cov.total_macs / 1e9, 3), "folded_bn": cov.folded_batchnorms,
                      "unfolded_bn": len(cov.unfolded_batchnorms), "openvino": rc.as_dict(),
+                     "onnxruntime": cov.runtime["onnxruntime"].as_dict() if "onnxruntime" in cov.runtime else None,
                      "sqnr_int8_db": round(sqnr_db(ref, out), 2), "sqnr_fp32_ov_db": round(sqnr_db(ref, out_f), 2),
                      "sqnr_input_noise_control_db": round(control, 2),
                      "kept_float": [f.__dict__ for f in cov.kept_float]})
