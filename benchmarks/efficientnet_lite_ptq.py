@@ -42,7 +42,7 @@ def nncf_openvino(model: torch.nn.Module, calib_loader, example: torch.Tensor):
     import nncf
     import openvino as ov
 
-    dataset = nncf.Dataset(calib_loader, lambda batch: batch[0])
+    dataset = nncf.Dataset(calib_loader, lambda batch: batch[0])  # one image per item: subset_size counts images
     quantized = nncf.quantize(model, dataset, subset_size=len(calib_loader.dataset))
     ov_model = ov.convert_model(quantized, example_input=example)
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
+    ap.add_argument("--no-qdet", action="store_true", help="measure only the float and NNCF rows")
+    ap.add_argument("--no-fake-quant", action="store_true",
+                    help="skip the (slow) fake-quant row; the OpenVINO int8 row is still measured")
     ap.add_argument("--json", help="write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,12 +84,14 @@ def main() -> None:
 
     t = time.perf_counter()
     row("float (PyTorch)", model, t)
-    t = time.perf_counter()
-    qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
-    print(qdet.coverage(qm).table())
-    row("qdet int8 (fake-quant)", qm, t)
-    t = time.perf_counter()
-    row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
+    if not args.no_qdet:
+        t = time.perf_counter()
+        qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
+        print(qdet.coverage(qm).table())
+        if not args.no_fake_quant:
+            row("qdet int8 (fake-quant)", qm, t)
+        t = time.perf_counter()
+        row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
     if not args.no_nncf:
         try:
             import nncf  # noqa: F401
@@ -94,7 +99,7 @@ def main() -> None:
             print("nncf is not installed here: its row is not measured")
         else:
             t = time.perf_counter()
-            row("NNCF default int8 (OpenVINO)", nncf_openvino(model, make_loader(calib, 32), torch.zeros(1, 3, 240, 240)), t)
+            row("NNCF default int8 (OpenVINO)", nncf_openvino(model, make_loader(calib, 1), torch.zeros(1, 3, 240, 240)), t)
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

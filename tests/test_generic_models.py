@@ -1,8 +1,12 @@
 """Models qdet has no adapter for: every conv/linear int8, BN folded, accuracy kept (issue 13)."""
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+import qdet
 from qdet.config import QuantConfig
 from qdet.qmodel import quantize
 from qdet.quant.calibrate import INT32_MAX
@@ -163,3 +167,78 @@ def test_float_ops_are_reported_and_warned() -> None:
     reasons = {f["name"]: f["reason"] for f in cov["kept_float"]}
     assert "Conv1d" in reasons["c1"] and "computed operands" in reasons["matmul"]
     assert cov["int8_layers"] == 1 and cov["float_layers"] == 2
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace this forward (a branch on a tensor value, a loop over a tensor's length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(2))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            if x.mean() > -1e9:  # data-dependent: always true, but fx cannot know
+                x = block(x)
+        return self.head(x)
+
+
+def test_untraceable_forward_is_split_into_traceable_submodules() -> None:
+    torch.manual_seed(0)
+    net = _random_bn(DataDependent())
+    data = [torch.rand(4, 3, 16, 16) for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"could not trace \(model\) \(TraceError: .*own code runs float, the 4 traceable"):
+        qm = quantize(net, data, QuantConfig(), progress=False)
+    assert sorted(qm.regions) == ["blocks.0", "blocks.1", "head", "stem"]
+    cov = qm.metrics["coverage"]
+    assert cov["int8_layers"] == 4 and cov["float_layers"] == 0 and cov["folded_batchnorms"] == 1
+    assert [u["path"] for u in cov["untraced"]] == ["(model)"]
+    assert "untraceable, its own code runs float: (model)" in qdet.coverage(qm).table()
+    with torch.no_grad():
+        assert sqnr_db(net(data[0]), qm(data[0])) >= 30
+    saved = qdet.load(qdet.save(qm, Path(tempfile.mkdtemp()) / "split.qdet"), net)  # regions survive a round trip
+    with torch.no_grad():
+        assert torch.equal(saved(data[0]), qm(data[0]))
+
+
+class DecodingDetector(nn.Module):
+    """A YOLO-style head whose forward decodes boxes (sigmoid, grid and anchor arithmetic, exp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 16, 3, 2, 1),
+                                  nn.SiLU())
+        self.head = nn.Conv2d(16, 3 * 6, 1)
+        self.register_buffer("anchors", torch.tensor([[10.0, 13.0], [16.0, 30.0], [33.0, 23.0]]).view(1, 3, 1, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.head(self.body(x))
+        b, _, h, w = raw.shape
+        p = raw.view(b, 3, 6, h, w).permute(0, 1, 3, 4, 2)
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        grid = torch.stack((xs, ys), -1).view(1, 1, h, w, 2).float()
+        xy = (p[..., :2].sigmoid() * 2 - 0.5 + grid) * 4
+        wh = torch.exp(p[..., 2:4]) * self.anchors
+        return torch.cat((xy, wh, p[..., 4:].sigmoid()), -1).view(b, -1, 6), raw
+
+
+def test_box_decode_inside_forward_stays_float() -> None:
+    torch.manual_seed(0)
+    net = _random_bn(DecodingDetector())
+    data = [torch.rand(4, 3, 32, 32) for _ in range(3)]
+    qm = quantize(net, data, QuantConfig(), progress=False)
+    cov = qm.metrics["coverage"]
+    assert cov["int8_layers"] == 3 and cov["float_layers"] == 0 and cov["folded_batchnorms"] == 1
+    decode = cov["decode_ops"]
+    assert any("exp" in op for op in decode) and any("meshgrid" in op or "arange" in op for op in decode)
+    assert any("cat" in op for op in decode)  # computed from decoded values: float too
+    with torch.no_grad():
+        (boxes_f, raw_f), (boxes_q, raw_q) = net(data[0]), qm(data[0])
+    assert sqnr_db(raw_f, raw_q) >= 30
+    # decoded in float from int8 head outputs: the box error is the head's error, not a second rounding
+    head_q = qm.model.get_submodule(next(r.quantizer for r in qm.layers if r.name == "head"))
+    assert torch.allclose(raw_q, head_q(raw_q))  # the returned raw map is on the head's int8 grid
+    assert sqnr_db(boxes_f, boxes_q) >= 30

@@ -96,6 +96,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
+    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
+    while path not in leaf_modules and path:
+        path = path.rpartition(".")[0]
+    return leaf_modules.get(path, ())
+
+
 def load(
     path: str | Path,
     model: nn.Module | None = None,
@@ -118,7 +125,7 @@ def load(
         leaf_modules = leaf_modules or {r.path: r.leaf_modules for r in adapter.regions(model)}
     leaf_modules = leaf_modules or {}
     cfg = QuantConfig.from_dict(meta["config"])
-    regions = [RegionSpec(p, tuple(leaf_modules.get(p, ()))) for p in meta["regions"]]
+    regions = [RegionSpec(p, tuple(_declared_leaves(leaf_modules, p))) for p in meta["regions"]]
     qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
                                      input_structures=meta["input_structures"])
     int_weights = set(meta["int_weights"])

@@ -4,6 +4,7 @@ Examples:
     qdet list
     qdet quantize resnet56                       # bundled CIFAR-10 weights and test images
     qdet quantize resnet50 --weights r50.pth --data /data/imagenette/val --threads 2
+    qdet quantize --model-file my_model.py:build --input-size 3,224,224 --data images/ --preprocess imagenet
     qdet eval resnet56 --qmodel runs/resnet56.qdet --json out.json
     qdet bench resnet50 --runtime onnxruntime --threads 2
     qdet qat resnet20 --weight-bits 4 --steps 300  # fine-tune on 5,000 CIFAR test images, evaluate on the rest
@@ -110,8 +111,11 @@ WEIGHTS_HELP = ("float weights file (.pt/.pth/.safetensors), or 'random' for an 
                 "(default: the model's bundled weights; see `qdet list`)")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model name (see `qdet list`)")
+def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None:
+    if model_file:
+        p.add_argument("model", nargs="?", help="model name (see `qdet list`); omit it with --model-file")
+    else:
+        p.add_argument("model", help="model name (see `qdet list`)")
     p.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
     p.add_argument("--data", help="evaluation/calibration data folder, or kitti:DIR / coco:DIR "
                    "(default: the model's bundled set)")
@@ -147,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", metavar="PATH", help="also write the lists as JSON to PATH")
 
     q = sub.add_parser("quantize", help="calibrate, convert, evaluate float vs int8, benchmark, save", description="Post-training quantization with a float vs int8 table (accuracy, size, latency, speed-up).")
-    _add_common(q)
+    _add_common(q, model_file=True)
     _add_quant_options(q)
-    q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet)")
+    _add_model_file_options(q)
+    q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet, "
+                                 "runs/<file>_<function>.qdet with --model-file)")
     q.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     _add_reference(q)
 
@@ -220,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_progress(x)
     _add_quant_options(x)
     return parser
+
+
+def _add_model_file_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own model (instead of a model name)")
+    g.add_argument("--model-file", metavar="FILE.py:FUNCTION",
+                   help="FILE.py:FUNCTION (FUNCTION() returns an nn.Module), a torch.export program (.pt2); "
+                        "quantized with no adapter; --data: an image folder (labeled when root/<class>/<image>), "
+                        "default: seeded synthetic images (agreement with float, no accuracy)")
+    g.add_argument("--input-size", metavar="C,H,W", help="input image size, C,H,W or H,W (default: 3,224,224; "
+                                                         "a .pt2 file: its exported shape)")
+    g.add_argument("--preprocess", metavar="SPEC",
+                   help="applied to each (C,H,W) image in [0,1]: imagenet, \"mean=M1,M2,M3;std=S1,S2,S3\", or "
+                        "FILE.py:FUNCTION (image tensor -> tensor) (default: none, the image in [0,1])")
 
 
 def _add_qat_parser(sub: Any) -> None:
@@ -293,7 +312,8 @@ def has_bundled_weights(adapter: Any) -> bool:
 def check_weights(adapter: Any, weights: str | None) -> None:
     """No silent random initialisation: without bundled weights the user passes --weights."""
     if weights is None and not has_bundled_weights(adapter):
-        raise ConfigError(f"model {adapter.name!r} has no bundled weights; pass --weights PATH (a state-dict file), "
+        kind = getattr(adapter, "weights_kind", "a state-dict file")
+        raise ConfigError(f"model {adapter.name!r} has no bundled weights; pass --weights PATH ({kind}), "
                           f"or --weights random for an explicit random initialisation")
 
 
@@ -362,12 +382,42 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from qdet import api
     from qdet.jobs import compare_job
 
+    if args.model_file is not None:
+        return cmd_quantize_model_file(args)
+    if args.model is None:
+        raise ConfigError("quantize needs a model name (see `qdet list`) or --model-file FILE.py:FUNCTION")
+    for option in ("input_size", "preprocess"):
+        if getattr(args, option) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')} is for --model-file models only")
     adapter = api.get_adapter(args.model)
     check_args(adapter, args)
     model = build_model(adapter, args)
     cfg = config_from_args(args)
     result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
     out = Path(args.out or f"runs/{args.model}.qdet")
+    api.save(qm, out)
+    _emit(result, args)
+    print(f"quantized model saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+def cmd_quantize_model_file(args: argparse.Namespace) -> None:
+    """`qdet quantize --model-file FILE.py:FUNCTION | model.pt2`: the generic path, no adapter."""
+    from qdet import api
+    from qdet.user_job import user_quantize_job
+    from qdet.user_model import parse_model_file
+
+    if args.model is not None:
+        raise ConfigError(f"give either a model name ({args.model!r}) or --model-file, not both")
+    for option in ("weights", "num_classes"):
+        if getattr(args, option) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')} is not used with --model-file (build the model, "
+                              f"weights included, in your function)")
+    if args.with_reference:
+        raise ConfigError("--with-reference is not supported with --model-file (use --runtime reference)")
+    spec = parse_model_file(args.model_file)
+    result, qm = user_quantize_job(spec, config_from_args(args), _job_options(args, bench=not args.no_bench),
+                                   input_size=args.input_size, preprocess=args.preprocess)
+    out = Path(args.out or f"runs/{spec.run_name}.qdet")
     api.save(qm, out)
     _emit(result, args)
     print(f"quantized model saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -52,6 +52,8 @@ class Coverage:
     folded_batchnorms: int
     unfolded_batchnorms: list[str] = field(default_factory=list)
     kept_float: list[FloatLayer] = field(default_factory=list)
+    untraced: list[dict[str, Any]] = field(default_factory=list)  # modules fx could not trace (run float)
+    decode_ops: list[str] = field(default_factory=list)  # box decoding after the last conv/linear (float)
     runtime: dict[str, RuntimeCoverage] = field(default_factory=dict)  # after lower: what each runtime executes
 
     @property
@@ -68,6 +70,11 @@ class Coverage:
                  f"{self.folded_batchnorms} BatchNorms folded"]
         if self.unfolded_batchnorms:
             lines.append(f"  BatchNorms not folded (run float): {', '.join(self.unfolded_batchnorms[:8])}")
+        if self.decode_ops:
+            shown = ", ".join(self.decode_ops[:6]) + (", ..." if len(self.decode_ops) > 6 else "")
+            lines.append(f"  box decode kept float ({len(self.decode_ops)} ops after the last conv/linear): {shown}")
+        for u in self.untraced[:8]:
+            lines.append(f"  untraceable, its own code runs float: {u['path']} ({u['reason']})")
         for layer in sorted(self.kept_float, key=lambda f: -f.macs)[:8]:
             lines.append(f"  float: {layer.name} ({layer.macs / 1e6:.2f} M MACs): {layer.reason}")
         lines += [f"  {rc.summary()}" for rc in self.runtime.values()]
@@ -87,14 +94,19 @@ def coverage(qmodel: Any, *, lowered: nn.Module | None = None) -> Coverage:
     int8 = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is not Format.FLOAT]
     flt = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is Format.FLOAT]
     kept = [FloatLayer(r.name, r.macs, r.reason or "skipped by the configuration") for r in flt]
+    untraced = list(getattr(qmodel, "untraced", []))
+    kept += [FloatLayer(u.path, 0, f"untraceable forward uses {u.own_weights} weights directly (MACs not counted)")
+             for u in untraced if u.own_weights]
     unfolded = [f"{path}.{name}" if path else name for path, region in qmodel.regions.items()
                 for name, m in region.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     cov = Coverage(
-        int8_layers=len(int8), float_layers=len(flt), int8_macs=sum(r.macs for r in int8),
+        int8_layers=len(int8), float_layers=len(kept), int8_macs=sum(r.macs for r in int8),
         total_macs=sum(r.macs for r in int8 + flt),
         folded_batchnorms=sum(len(region.folded_bn) for region in qmodel.regions.values()),
         unfolded_batchnorms=unfolded,
         kept_float=kept,
+        untraced=[asdict(u) for u in untraced],
+        decode_ops=[op for region in qmodel.regions.values() for op in region.float_ops],
     )
     if lowered is not None:
         cov.add_runtime(lowered)

@@ -28,3 +28,8 @@ class CalibrationError(QdetError):
 
 class RuntimeUnavailable(QdetError):
     """An optional runtime (onnxruntime, openvino, fbgemm kernels) is not installed or cannot run."""
+
+
+class ModelError(QdetError):
+    """A user model (`--model-file`) cannot be loaded, built or run: missing file or function, the file or
+    the function raises, it returns no nn.Module, or the model returns nothing tensor-like."""

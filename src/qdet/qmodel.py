@@ -7,6 +7,7 @@ measured results and `save()` writes them next to the weights.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -17,7 +18,8 @@ from torch.utils import _pytree as pytree
 from qdet.config import QuantConfig
 from qdet.coverage import coverage, warn_if_mostly_float
 from qdet.errors import CalibrationError, ConfigError
-from qdet.quant.calibrate import calibrate, default_transform
+from qdet.quant.calibrate import len_or_none, calibrate, default_transform
+from qdet.quant.split import UntracedModule, split_untraceable
 from qdet.quant.prepare import (
     LayerRecord,
     PreparedRegion,
@@ -60,6 +62,7 @@ class QuantizedModel(nn.Module):
         self.qat_config: Any = None  # the QATConfig while this is a trainable QAT model
         # region path → pytree spec (JSON) of its inputs, for regions fed lists/dicts of tensors
         self.input_structures: dict[str, str] = {}
+        self.untraced: list[UntracedModule] = []  # modules fx could not trace: their own code runs float
         self.train(model.training)  # a fresh Module is in train mode; follow the wrapped model (eval)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -89,8 +92,12 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return model
 
 
-def capture_region_inputs(model: nn.Module, paths: Sequence[str], run: Callable[[], Any]) -> dict[str, tuple[Any, ...]]:
-    """Run `run()` once and record the positional inputs each region receives first."""
+def capture_region_inputs(model: nn.Module, paths: Sequence[str], run: Callable[[], Any], *,
+                          required: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+    """Run `run()` once and record the positional inputs each region receives first.
+
+    A region in `required` (default: all of `paths`) that the forward never calls is an error;
+    the others are just absent from the result."""
     captured: dict[str, tuple[Any, ...]] = {}
     handles = []
     for path in paths:
@@ -103,7 +110,7 @@ def capture_region_inputs(model: nn.Module, paths: Sequence[str], run: Callable[
     finally:
         for h in handles:
             h.remove()
-    missing = [p for p in paths if p not in captured]
+    missing = [p for p in (paths if required is None else required) if p not in captured]
     if missing:
         raise ConfigError(f"regions {missing} were never called by the model's forward")
     return captured
@@ -146,8 +153,31 @@ def build_quantized(
     `qat`, conv-bn pairs stay trainable (QATConvBn2d) instead of being folded.
     """
     work = copy.deepcopy(model).eval()
-    inputs = capture_region_inputs(work, [r.path for r in regions], lambda: example_run(work))
-    return _assemble(work, regions, cfg, inputs, model_name, qat=qat)
+    traceable, untraced = split_untraceable(work, regions)
+    inputs = capture_region_inputs(work, [r.path for r in traceable], lambda: example_run(work),
+                                   required=[r.path for r in regions if r in traceable])
+    traceable = [r for r in traceable if r.path in inputs]  # pieces the glue never calls directly
+    if not traceable:
+        raise ConfigError(f"no part of {type(model).__name__} could be traced for quantization: "
+                          + "; ".join(f"{u.path}: {u.reason}" for u in untraced[:3]))
+    qm = _assemble(work, traceable, cfg, inputs, model_name, qat=qat)
+    qm.untraced = untraced
+    check_quantizable(qm, type(model).__name__)
+    if untraced:
+        warnings.warn("torch.fx could not trace " + "; ".join(f"{u.path} ({u.reason})" for u in untraced[:4])
+                      + f": {'its' if len(untraced) == 1 else 'their'} own code runs float, the "
+                      f"{len(traceable)} traceable submodules inside are quantized", stacklevel=3)
+    return qm
+
+
+def check_quantizable(qm: QuantizedModel, what: str) -> None:
+    """A model whose traced graph has no conv, linear or matmul at all has nothing to quantize: an error,
+    never a silently float "int8" model. (Conv/linear kept float, by skip or kind, still count.)"""
+    if not any(rec.kind in ("conv", "linear") for rec in qm.layers):
+        regions = ", ".join(repr(p) for p in qm.regions if p) or "the whole model"
+        untraced = "; untraced, running float: " + ", ".join(u.path for u in qm.untraced[:4]) if qm.untraced else ""
+        raise ConfigError(f"{qm.model_name or what}: no quantizable op in the traced graph of {regions} (no conv, "
+                          f"linear or matmul): nothing would run in int8{untraced}")
 
 
 def build_quantized_from_shapes(
@@ -234,7 +264,9 @@ def quantize(
     qm = build_quantized(model, regions, cfg, example_runner(first, transform_fn), model_name=model_name)
     remaining = None if num_batches is None else max(num_batches - 1, 0)
     batches = _chain_first(first, iterator, remaining)
-    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress)
+    total = len_or_none(calib_data)
+    total = num_batches if total is None else total if num_batches is None else min(total, num_batches)
+    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress, total=total)
     cov = coverage(qm)
     qm.metrics["coverage"] = cov.as_dict()
     warn_if_mostly_float(cov)

@@ -81,10 +81,14 @@ def run_batches(
     num_batches: int | None = None,
     progress: bool = True,
     desc: str = "calibrating",
+    total: int | None = None,
 ) -> int:
-    """Feed `num_batches` (default: all) batches through `model`; returns how many ran."""
+    """Feed `num_batches` (default: all) batches through `model`; returns how many ran.
+
+    The progress bar counts batches out of `total` (default: `num_batches`, else len(data))."""
     it: Iterable[Any] = itertools.islice(data, num_batches) if num_batches is not None else data
-    total = num_batches if num_batches is not None else _len_or_none(data)
+    if total is None:
+        total = num_batches if num_batches is not None else len_or_none(data)
     count = 0
     with torch.no_grad():
         for batch in tqdm(it, total=total, desc=desc, disable=not progress, leave=False):
@@ -94,7 +98,7 @@ def run_batches(
     return count
 
 
-def _len_or_none(data: Iterable[Any]) -> int | None:
+def len_or_none(data: Iterable[Any]) -> int | None:
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -108,10 +112,12 @@ def calibrate(
     *,
     num_batches: int | None = None,
     progress: bool = True,
+    total: int | None = None,
 ) -> int:
     """Observe `data` and compute every activation quantizer's qparams. Returns the batch count."""
     with calibration_mode(model):
-        count = run_batches(model, data, transform_fn, num_batches=num_batches, progress=progress)
+        count = run_batches(model, data, transform_fn, num_batches=num_batches, progress=progress,
+                            desc="calibrating (batches)", total=total)
     if count == 0:
         raise CalibrationError("the calibration set is empty: no batch reached the model")
     finalize(model)

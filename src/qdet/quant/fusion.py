@@ -14,6 +14,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from qdet.quant.opkinds import OpKind, module_kind, op_kind
+
 # Set on an nn.BatchNorm2d that stands in for a FrozenBatchNorm2d (`rcnn.views.unfreeze_batchnorm`):
 # QAT must then never normalise with batch statistics nor update the running ones.
 FROZEN_STATISTICS = "frozen_statistics"
@@ -45,9 +47,10 @@ def mark_frozen(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
 
 
 def _foldable_bn(module: nn.Module | None) -> bool:
-    if isinstance(module, nn.BatchNorm2d):
-        return module.track_running_stats is not False  # without running statistics it cannot fold
-    return module is not None and isinstance(module, frozen_batchnorm_types())
+    """BatchNorm2d, SyncBatchNorm (eval) or FrozenBatchNorm2d with running statistics to fold."""
+    if module is None or module_kind(module) is not OpKind.BATCHNORM:
+        return False
+    return getattr(module, "running_var", None) is not None  # without running statistics it cannot fold
 
 
 def fold_bn_weights(
@@ -123,10 +126,7 @@ def decompose_silu(gm: fx.GraphModule) -> int:
     """
     count = 0
     for node in list(gm.graph.nodes):
-        is_silu = (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.SiLU)) or (
-            node.op == "call_function" and node.target is F.silu
-        )
-        if not is_silu:
+        if op_kind(node, gm) is not OpKind.SILU:
             continue
         stack = dict(node.meta.get("nn_module_stack") or {})
         if node.op == "call_module":

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
 from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
+from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, WEIGHTED, OpKind, module_kind, op_kind
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
@@ -39,23 +40,7 @@ from qdet.quant.quantizer import (
     make_weight_quantizer,
 )
 
-_FUSABLE_ACT_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_FUSABLE_ACT_FUNCTIONS: set[Any] = {F.relu, torch.relu, F.relu6}
-# With QuantConfig(fuse_silu=True) SiLU joins them: the runtime applies it inside the int8 conv
-# (OpenVINO/oneDNN post-op) and only its output is quantized.
-_SILU_MODULES: tuple[type[nn.Module], ...] = (nn.SiLU,)
-_SILU_FUNCTIONS: set[Any] = {F.silu}
-_PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ReLU)
-_PASSTHROUGH_FUNCTIONS: set[Any] = {
-    torch.flatten, F.max_pool2d, operator.getitem, torch.reshape, torch.transpose,
-    torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, F.relu, torch.relu,
-}
-_PASSTHROUGH_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split",
-    "squeeze", "unsqueeze", "__getitem__", "relu",
-}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_MULTI_INPUT_FUNCTIONS = _ADD_FUNCTIONS | {operator.mul, torch.mul, torch.cat, torch.concat}
+_SILU_FUSED_KINDS = CLAMPS | {OpKind.SILU}  # with QuantConfig(fuse_silu=True): SiLU runs inside the int8 conv
 
 
 @dataclass
@@ -79,6 +64,11 @@ class PreparedRegion:
     module: fx.GraphModule
     layers: list[LayerRecord] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)  # box-decode ops after the last conv/linear
+
+
+class UntraceableError(ConfigError):
+    """`torch.fx` could not trace a module's forward (data-dependent control flow, unsupported Python)."""
 
 
 class _LeafTracer(fx.Tracer):
@@ -98,7 +88,7 @@ def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx
     try:
         graph = tracer.trace(module)
     except Exception as exc:  # fx raises many types; the user needs the module and the reason
-        raise ConfigError(
+        raise UntraceableError(
             f"cannot trace {type(module).__name__} for quantization ({type(exc).__name__}: {exc}); "
             "declare a smaller region or mark the offending submodule as a leaf in the adapter"
         ) from exc
@@ -121,6 +111,8 @@ class _Inserter:
         self.layers: list[LayerRecord] = []
         self.used_names: set[str] = set()
         self.fused_into_add: set[fx.Node] = set()  # convs whose output the add quantizes (FUSE_CONV_ADD)
+        self.decode_tail: set[fx.Node] = set()
+        self.float_ops: list[str] = []  # ops kept float as box decoding
 
     # ---------- naming and per-layer config ----------
     def layer_name(self, node: fx.Node) -> str:
@@ -207,13 +199,15 @@ class _Inserter:
     # ---------- the pass ----------
     def run(self) -> list[LayerRecord]:
         nodes = list(self.gm.graph.nodes)
+        self.decode_tail = box_decode_tail(self.gm)
         for node in nodes:
             if node.op == "placeholder":
                 if _is_float_tensor(node):
                     self.quantize_output(node, _join(self.prefix, node.name), "input", self.cfg.format)
             elif node.op in ("call_module", "call_function", "call_method"):
                 mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-                conv_like = isinstance(mod, (nn.Conv2d, nn.Linear)) and (_is_float_tensor(node) or _is_tensor_tuple(node))
+                conv_like = mod is not None and module_kind(mod) in WEIGHTED and (
+                    _is_float_tensor(node) or _is_tensor_tuple(node))
                 self.visit(node)
                 if conv_like:
                     self.record_macs(node, mod, _join(self.prefix, str(node.target)))
@@ -258,6 +252,9 @@ class _Inserter:
     def visit(self, node: fx.Node) -> None:
         if not _is_float_tensor(node) and not _is_tensor_tuple(node):
             return
+        if node in self.decode_tail:
+            self.float_ops.append(self.layer_name(node))
+            return  # box decoding after the last conv/linear: a float island by op kind
         if _is_fused_activation(self.gm, node, self.cfg.fuse_silu) and self._producer_absorbs(node):
             return  # handled by the op it follows
         if self._is_passthrough(node):
@@ -311,20 +308,7 @@ class _Inserter:
         return _kind(src, mod) in ("conv", "linear", "add")
 
     def _is_passthrough(self, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            mod = self.gm.get_submodule(str(node.target))
-            if isinstance(mod, nn.Upsample):
-                return mod.mode == "nearest"
-            return isinstance(mod, _PASSTHROUGH_MODULES)
-        if node.op == "call_method":
-            return node.target in _PASSTHROUGH_METHODS
-        if node.target is F.interpolate:
-            return node.kwargs.get("mode", "nearest") == "nearest"
-        if node.target is F.pad:
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            return mode == "constant" and not value
-        return node.target in _PASSTHROUGH_FUNCTIONS
+        return op_kind(node, self.gm) in GRID_KEEPING
 
     def _tie(self, node: fx.Node) -> None:
         src = node.args[0] if node.args else None
@@ -358,6 +342,61 @@ class _Inserter:
         return any(u.op == "output" for u in node.users)
 
 
+# Ops that decode boxes (anchor/grid arithmetic, exp of sizes, NMS): where they come after the last
+# conv/linear they stay float, with everything between them and the outputs (NNCF keeps NMS/TopK
+# float the same way). Scalar or buffer (anchor grid) operands make mul/add decode arithmetic too.
+_DECODE_FUNCTIONS: set[Any] = {
+    torch.exp, torch.log, operator.sub, torch.sub, operator.truediv, torch.div, operator.pow, torch.pow,
+    torch.meshgrid, torch.arange, torch.stack, torch.topk, torch.sort, torch.where, torch.clamp, torch.sigmoid_,
+}
+_DECODE_METHODS = {"exp", "log", "sub", "div", "pow", "clamp", "topk", "sort", "exp_", "sub_", "div_", "mul_", "add_"}
+_DECODE_NAMES = {"nms", "batched_nms", "box_iou", "roi_align", "grid_sample"}
+
+
+def _is_decode_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _DECODE_METHODS or (node.target in ("mul", "add") and _has_constant_operand(node))
+    if node.op != "call_function":
+        return False
+    if node.target in _DECODE_FUNCTIONS or getattr(node.target, "__name__", "") in _DECODE_NAMES:
+        return True
+    return node.target in (operator.mul, torch.mul, operator.add, torch.add) and _has_constant_operand(node)
+
+
+def _has_constant_operand(node: fx.Node) -> bool:
+    """A number or a buffer/constant tensor (not a computed activation) as an operand."""
+    return any(not isinstance(a, fx.Node) and isinstance(a, (int, float)) or isinstance(a, fx.Node) and a.op == "get_attr"
+               for a in node.args)
+
+
+def box_decode_tail(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that decode boxes after the last conv/linear, and what they feed: kept float.
+
+    A node is in the tail when no conv/linear is reachable from it; there, decode ops, the ops
+    feeding them and everything computed from them stay float.
+    """
+    nodes = list(gm.graph.nodes)
+    feeds_weighted: set[fx.Node] = set()
+    feeds_decode: set[fx.Node] = set()
+    for node in reversed(nodes):
+        users = list(node.users)
+        if any(u in feeds_weighted or _has_weight(gm, u) for u in users):
+            feeds_weighted.add(node)
+        elif any(u in feeds_decode or _is_decode_op(u) for u in users):
+            feeds_decode.add(node)
+    tail: set[fx.Node] = set()
+    for node in nodes:
+        if node.op in ("placeholder", "output", "get_attr") or node in feeds_weighted or _has_weight(gm, node):
+            continue
+        if _is_decode_op(node) or node in feeds_decode or any(a in tail for a in node.all_input_nodes):
+            tail.add(node)
+    return tail
+
+
+def _has_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return op_kind(node, gm) in WEIGHTED
+
+
 def _fix_sigmoid_qparams(q: Quantizer) -> None:
     """Sigmoid's range is [0, 1]: fixed qparams, no observer (PyTorch's int8 sigmoid uses the same)."""
     levels = q.spec.qmax - q.spec.qmin + 1
@@ -365,44 +404,31 @@ def _fix_sigmoid_qparams(q: Quantizer) -> None:
     q.observer = None
 
 
+_NAMED_KINDS = {OpKind.CONV, OpKind.LINEAR, OpKind.ADD, OpKind.CAT, OpKind.MUL, OpKind.SIGMOID}
+
+
 def _kind(node: fx.Node, mod: nn.Module | None) -> str:
+    """The record kind: the op kind's name where the rules depend on it, else the op's own name."""
+    kind = op_kind(node)
+    if kind in _NAMED_KINDS:
+        return kind.value
     if mod is not None:
-        if isinstance(mod, nn.Conv2d):
-            return "conv"
-        if isinstance(mod, nn.Linear):
-            return "linear"
         return type(mod).__name__.lower()
     if node.op == "call_function":
-        if node.target in _ADD_FUNCTIONS and len(_tensor_args(node)) == 2:
-            return "add"
-        if node.target in (torch.cat, torch.concat):
-            return "cat"
-        if node.target in (operator.mul, torch.mul) and len(_tensor_args(node)) == 2:
-            return "mul"
         return getattr(node.target, "__name__", "op")
-    if node.op == "call_method" and node.target in ("add", "add_") and len(_tensor_args(node)) == 2:
-        return "add"
     return str(node.target)
-
-
-_MATMUL_FUNCTIONS: set[Any] = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.linear, torch.matmul,
-                                operator.matmul, torch.bmm, torch.mm, torch.conv2d}
-_MATMUL_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                 nn.ConvTranspose3d)
 
 
 def _unsupported_matmul(node: fx.Node, mod: nn.Module | None) -> str:
     """Why a conv/linear/matmul-like op cannot be quantized here ("" when it can, or is no such op)."""
-    if mod is not None:
-        if isinstance(mod, _MATMUL_MODULES):
-            return f"{type(mod).__name__}: no int8 kernel path in qdet yet (Conv2d and Linear only)"
+    if op_kind(node) is not OpKind.MATMUL:
         return ""
-    if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
-        what = getattr(node.target, "__name__", str(node.target))
-        return f"{what} on computed operands (not the model's parameters): kept float"
-    if node.op == "call_method" and node.target in ("matmul", "bmm", "mm"):
-        return f"Tensor.{node.target} on computed operands: kept float"
-    return ""
+    if mod is not None:
+        return f"{type(mod).__name__}: no int8 kernel path in qdet yet (Conv2d and Linear only)"
+    what = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f"Tensor.{what} on computed operands: kept float"
+    return f"{what} on computed operands (not the model's parameters): kept float"
 
 
 def _macs(node: fx.Node, mod: nn.Module | None) -> int:
@@ -453,12 +479,7 @@ def _is_tensor_tuple(node: fx.Node) -> bool:
 
 
 def _is_fused_activation(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> bool:
-    if node.op == "call_module":
-        modules = _FUSABLE_ACT_MODULES + _SILU_MODULES if silu else _FUSABLE_ACT_MODULES
-        return isinstance(gm.get_submodule(str(node.target)), modules)
-    if node.op == "call_function":
-        return node.target in _FUSABLE_ACT_FUNCTIONS or (silu and node.target in _SILU_FUNCTIONS)
-    return node.op == "call_method" and node.target == "relu"
+    return op_kind(node, gm) in (_SILU_FUSED_KINDS if silu else CLAMPS)
 
 
 def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> fx.Node | None:
@@ -472,7 +493,7 @@ def _feeds_add_only(node: fx.Node) -> bool:
     if len(node.users) != 1:
         return False
     (user,) = node.users
-    return user.op == "call_function" and user.target in _ADD_FUNCTIONS
+    return user.op == "call_function" and op_kind(user) is OpKind.ADD
 
 
 def prepare_region(
@@ -499,8 +520,9 @@ def prepare_region(
     if not cfg.fuse_silu:
         decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)
-    layers = _Inserter(gm, prefix, cfg).run()
-    return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded])
+    inserter = _Inserter(gm, prefix, cfg)
+    layers = inserter.run()
+    return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded], inserter.float_ops)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:

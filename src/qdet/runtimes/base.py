@@ -13,11 +13,11 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from torch import fx, nn
-from torch.nn import functional as F
 
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.qmodel import QuantizedModel, _get, _set, example_inputs
 from qdet.quant.calibrate import quantization_disabled
+from qdet.quant.opkinds import OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
 
 
@@ -74,13 +74,8 @@ class Runtime(ABC):
 
 
 def _has_silu(qmodel: QuantizedModel) -> bool:
-    for region in qmodel.regions.values():
-        for node in region.module.graph.nodes:
-            if node.op == "call_function" and node.target is F.silu:
-                return True
-            if node.op == "call_module" and isinstance(region.module.get_submodule(str(node.target)), nn.SiLU):
-                return True
-    return False
+    return any(op_kind(node, region.module) is OpKind.SILU
+               for region in qmodel.regions.values() for node in region.module.graph.nodes)
 
 
 class ReferenceRuntime(Runtime):

@@ -33,7 +33,6 @@ and `IntegerRegion.params` the integer parameters each layer used (see `qdet.run
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,22 +51,12 @@ from qdet.quant.integer import (
     requantize,
     saturate,
 )
+from qdet.quant.opkinds import CLAMPS, OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
 from qdet.runtimes.base import Runtime, _FloatView, register_runtime, traced_module
 
 ADD_SHIFT = 20  # (q − Z) < 2^8, shifted < 2^28: headroom for the 31-bit multiplier, precision 2^-20 of max S
-
-_SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
-_SHAPE_FUNCTIONS: set[Any] = {torch.flatten, operator.getitem, torch.reshape, torch.transpose, torch.permute,
-                              torch.squeeze, torch.unsqueeze}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                  "__getitem__"}
-_META_METHODS = {"size", "dim", "numel"}
-_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
-_RELU_FUNCTIONS: set[Any] = {F.relu, torch.relu}
-_CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat}
-
 
 @dataclass(frozen=True)
 class Grid:
@@ -157,47 +146,21 @@ class IntegerRegion(nn.Module):
                 return None
             if isinstance(mod, (QuantConv2d, QuantLinear)):
                 return self._conv_linear
-            if isinstance(mod, (nn.ReLU, nn.ReLU6)):
-                return self._relu
-            if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-                return self._avgpool
-            if isinstance(mod, nn.MaxPool2d):
-                return self._via_float
-            if isinstance(mod, nn.Upsample) and mod.mode == "nearest":
-                return self._via_float
-            if isinstance(mod, _SHAPE_MODULES):
-                return self._shape_op
-            return None
-        if node.op == "call_method":
-            if node.target in _SHAPE_METHODS:
-                return self._shape_op
-            if node.target in _META_METHODS:
-                return self._meta
-            if node.target == "relu":
-                return self._relu
-            if node.target == "add" and len(node.args) == 2:
-                return self._add
-            return None
-        target = node.target
-        if target in _ADD_FUNCTIONS and len([a for a in node.args if isinstance(a, fx.Node)]) == 2:
-            return self._add
-        if target in _RELU_FUNCTIONS or target is F.relu6:
-            return self._relu
-        if target in _CAT_FUNCTIONS:
-            return self._cat
-        if target in _SHAPE_FUNCTIONS:
-            return self._shape_op
-        if target in (F.max_pool2d, F.interpolate):
-            if target is F.interpolate and node.kwargs.get("mode", "nearest") != "nearest":
-                return None
-            return self._via_float
-        if target is F.adaptive_avg_pool2d:
-            return self._avgpool
-        if target is F.pad:
+        kind = op_kind(node, self.gm)
+        if kind is OpKind.AVGPOOL and not (mod is not None or node.target is F.adaptive_avg_pool2d):
+            return None  # functional avg_pool2d: window arguments not handled here
+        if kind is OpKind.SHAPE and node.target in (torch.chunk, torch.split, "chunk", "split"):
+            return None  # tuple results
+        if node.op == "call_function" and node.target is F.pad:
             return self._pad
-        if target is getattr:
+        if node.op == "call_function" and node.target is getattr:
             return self._meta
-        return None
+        return {
+            OpKind.RELU: self._relu, OpKind.RELU6: self._relu, OpKind.AVGPOOL: self._avgpool,
+            OpKind.MAXPOOL: self._via_float, OpKind.UPSAMPLE_NEAREST: self._via_float,
+            OpKind.SHAPE: self._shape_op, OpKind.IDENTITY: self._shape_op, OpKind.META: self._meta,
+            OpKind.ADD: self._add, OpKind.CAT: self._cat,
+        }.get(kind)
 
     # ---------------------------------------------------------------- execution
     def forward(self, *args: Any) -> Any:
@@ -343,8 +306,7 @@ class IntegerRegion(nn.Module):
         x = args[0]
         if not isinstance(x, IntValue):
             raise ConfigError(f"region {self.path!r}, node {node.name!r}: ReLU on a float value in the integer runtime")
-        mod = self._module(node)
-        six = isinstance(mod, nn.ReLU6) or node.target is F.relu6
+        six = op_kind(node, self.gm) is OpKind.RELU6
         g = x.grid
         low = 0 if g.acc else g.zero_point
         data = x.data.clamp(min=low)
@@ -533,9 +495,7 @@ def _add_output_quantizer(gm: fx.GraphModule, node: fx.Node) -> Quantizer | None
         mod = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
         if isinstance(mod, Quantizer):
             return mod
-        relu = (isinstance(mod, (nn.ReLU, nn.ReLU6)) or (cur.op == "call_function" and cur.target in _RELU_FUNCTIONS | {F.relu6})
-                or (cur.op == "call_method" and cur.target == "relu"))
-        if not relu:
+        if op_kind(cur, gm) not in CLAMPS:
             return None
     return None
 

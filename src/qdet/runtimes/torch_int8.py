@@ -48,9 +48,9 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 from torch.fx.node import map_arg
-from torch.nn import functional as F
 
 from qdet.errors import CalibrationError, ConfigError
+from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
 from qdet.runtimes.base import Runtime, register_runtime, traced_module
@@ -60,22 +60,7 @@ QParams = tuple[float, int]  # (scale, zero point) of a quint8 value, known when
 _ENGINES = ("x86", "fbgemm")  # x86 picks fbgemm or oneDNN per op; fbgemm alone on older builds
 _QUANT_ONLY = (Quantizer, TiedQuantizer, CastQuantizer)
 
-# Ops that run on a quint8 tensor and keep its qparams (their values stay on the input's grid).
-_GRID_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.ZeroPad2d)
-_GRID_FUNCTIONS: set[Any] = {
-    torch.flatten, F.max_pool2d, operator.getitem, torch.reshape, torch.transpose, torch.permute,
-    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, F.relu, torch.relu,
-}
-_GRID_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split",
-    "squeeze", "unsqueeze", "__getitem__", "relu",
-}
 _SHAPE_METHODS = {"size", "dim", "numel"}  # read shape only: a quint8 tensor answers like a float one
-_RELU_FUNCTIONS: set[Any] = {F.relu, torch.relu}
-_RELU6_FUNCTIONS: set[Any] = {F.relu6}
-_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
-_MUL_FUNCTIONS: set[Any] = {operator.mul, operator.imul, torch.mul}
-_CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat}
 
 
 def _engine() -> str | None:
@@ -334,12 +319,8 @@ class _Lowering(_Builder):
 
     def activation(self, node: fx.Node) -> str:
         """"relu", "relu6" or "" for a clamp that can fuse into the preceding op."""
-        mod = self.module(node)
-        if isinstance(mod, nn.ReLU6) or (node.op == "call_function" and node.target in _RELU6_FUNCTIONS):
-            return "relu6"
-        if isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in _RELU_FUNCTIONS):
-            return "relu"
-        return "relu" if node.op == "call_method" and node.target == "relu" else ""
+        kind = op_kind(node, self.gm)
+        return kind.value if kind in CLAMPS else ""
 
     def lower_pattern(self, node: fx.Node) -> bool:
         chain = self.output_chain(node)
@@ -376,9 +357,10 @@ class _Lowering(_Builder):
         binary = node.op == "call_function" and len(node.args) == 2 and not node.kwargs and len(args) == 2
         binary = binary or (node.op == "call_method" and len(args) == 2 and not node.kwargs)
         if binary and all(self.is_q(a) for a in args):
-            if node.target in _ADD_FUNCTIONS or node.target == "add":
+            kind = op_kind(node, self.gm)
+            if kind is OpKind.ADD:
                 op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
-            elif node.target in _MUL_FUNCTIONS or node.target == "mul":
+            elif kind is OpKind.MUL:
                 op = torch.ops.quantized.mul_relu if relu else torch.ops.quantized.mul
             else:
                 return None
@@ -387,7 +369,7 @@ class _Lowering(_Builder):
             # PyTorch's int8 sigmoid has fixed output qparams (1/256, 0): the ones qdet fixes for uint8
             if not relu and abs(out[0] - 1 / 256) < 1e-12 and out[1] == 0:
                 return self.graph.call_function(torch.sigmoid, (self.env[args[0]],))
-        if node.op == "call_function" and node.target in _CAT_FUNCTIONS and not relu:
+        if node.op == "call_function" and op_kind(node) is OpKind.CAT and not relu:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if isinstance(tensors, (list, tuple)) and all(self.is_q(t) for t in tensors):
@@ -410,19 +392,7 @@ class _Lowering(_Builder):
 
     def keeps_grid(self, node: fx.Node) -> bool:
         """Runs on quint8 with unchanged qparams; tuple results (chunk/split) only when indexed."""
-        if node.op == "call_module":
-            mod = self.module(node)
-            ok = isinstance(mod, _GRID_MODULES) or (isinstance(mod, nn.Upsample) and mod.mode == "nearest")
-        elif node.op == "call_method":
-            ok = node.target in _GRID_METHODS
-        elif node.target is F.interpolate:
-            ok = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
-        elif node.target is F.pad:
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-            ok = mode == "constant" and not value  # zero padding pads with the zero point: exact
-        else:
-            ok = node.op == "call_function" and node.target in _GRID_FUNCTIONS
+        ok = op_kind(node, self.gm) in GRID_KEEPING
         if ok and node.target in (torch.chunk, torch.split, "chunk", "split"):
             ok = all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
         return ok
