@@ -49,7 +49,9 @@ class RuntimeCoverage:
     float_convs: int = 0
     int8_matmuls: int = 0
     float_matmuls: int = 0
-    float_names: list[str] = field(default_factory=list)  # the runtime's names of the float ones
+    # the runtime's node names of the float ones: torch.onnx scope names, i.e. the layer's module path
+    # (torch.onnx shortens some to their last parts, e.g. "block.0.0/Conv" for features.1.0.block.0.0)
+    float_names: list[str] = field(default_factory=list)
 
     @property
     def convs(self) -> int:
