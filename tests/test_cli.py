@@ -53,6 +53,11 @@ def test_quantize_eval_resnet20_on_cifar(tmp_path):
     assert 85 < float_top1 < 97  # a 1000-image subset of a 91.7 % model
     assert abs(rows[f"int8 ({rt})"]["top1"] - float_top1) < 1.5
     assert rows[f"int8 ({rt})"]["size_mb"] < 0.35 * rows[f"float ({rt})"]["size_mb"]
+    cov = result["meta"]["coverage"]  # what the runtime itself says it executes in int8
+    executed = cov["runtime"][rt]
+    assert executed["float_convs"] == executed["float_matmuls"] == 0, executed
+    assert executed["int8_convs"] + executed["int8_matmuls"] == cov["int8_layers"] > 0
+    assert f"{rt} executes {executed['int8_convs']} of {executed['int8_convs']} convolutions" in proc.stdout
     assert out.is_file()
     proc = subprocess.run([sys.executable, "-m", "qdet.cli", "eval", "resnet20", "--qmodel", str(out),
                            "--eval-images", "500", "--no-progress", "--with-reference"], capture_output=True, text=True, timeout=600)

@@ -136,6 +136,11 @@ def test_model_file_quantizes_every_conv_and_linear(files, tmp_path, capsys, fun
     int8 = result["rows"][2]
     assert int8["model"] == f"int8 ({runtime})" and int8["sqnr_db"] >= 25
     assert "coverage: " in stdout and f"{3 if function == 'build' else 2} of" in stdout
+    if runtime == "openvino":  # what OpenVINO itself says it executes in int8
+        executed = cov["runtime"]["openvino"]
+        assert executed["float_convs"] == executed["float_matmuls"] == 0, executed
+        assert executed["int8_convs"] + executed["int8_matmuls"] == cov["int8_layers"]
+        assert "openvino executes" in stdout
 
 
 def test_exported_program_and_labeled_folder(files, tmp_path, capsys):

@@ -17,6 +17,7 @@ from qdet.api import (
     save,
 )
 from qdet.coverage import coverage
+from qdet.runtimes.executed import RuntimeCoverage, runtime_coverage
 from qdet.config import (
     Format,
     LayerOverride,
@@ -36,6 +37,6 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantConfig", "QuantSpec", "Observer", "PerChannel", "PerTensor", "ResidualPolicy", "Format",
     "LayerOverride", "QATConfig", "QuantizedModel", "quantize", "prepare_qat", "convert", "evaluate", "lower", "benchmark", "export_onnx",
-    "save", "load", "get_adapter", "coverage", "QdetError", "ConfigError", "DataError", "WeightsError",
+    "save", "load", "get_adapter", "coverage", "runtime_coverage", "RuntimeCoverage", "QdetError", "ConfigError", "DataError", "WeightsError",
     "CalibrationError",
 ]

@@ -14,6 +14,13 @@ stays float must never look int8.
     >>> cov = qdet.coverage(qm)
     >>> cov.int8_layers, cov.float_layers, cov.folded_batchnorms, round(cov.int8_mac_share, 2)
     (2, 0, 1, 1.0)
+
+After `lower`, pass the lowered model to add what the runtime really executes in int8 (read back
+from OpenVINO's compiled model / onnxruntime's optimised graph, see `qdet.runtimes.executed`):
+
+    >>> int8 = qdet.lower(qm, "onnxruntime")  # doctest: +SKIP
+    >>> print(qdet.coverage(qm, lowered=int8).runtime["onnxruntime"].summary())  # doctest: +SKIP
+    onnxruntime executes 1 of 1 convolutions and 1 of 1 matmuls in int8
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from qdet.config import Format
+from qdet.runtimes.executed import RuntimeCoverage, runtime_coverage
 
 WARN_BELOW = 0.90  # share of conv/linear MACs in int8 under which quantize warns
 
@@ -46,6 +54,7 @@ class Coverage:
     kept_float: list[FloatLayer] = field(default_factory=list)
     untraced: list[dict[str, Any]] = field(default_factory=list)  # modules fx could not trace (run float)
     decode_ops: list[str] = field(default_factory=list)  # box decoding after the last conv/linear (float)
+    runtime: dict[str, RuntimeCoverage] = field(default_factory=dict)  # after lower: what each runtime executes
 
     @property
     def int8_mac_share(self) -> float:
@@ -68,11 +77,20 @@ class Coverage:
             lines.append(f"  untraceable, its own code runs float: {u['path']} ({u['reason']})")
         for layer in sorted(self.kept_float, key=lambda f: -f.macs)[:8]:
             lines.append(f"  float: {layer.name} ({layer.macs / 1e6:.2f} M MACs): {layer.reason}")
+        lines += [f"  {rc.summary()}" for rc in self.runtime.values()]
         return "\n".join(lines)
 
+    def add_runtime(self, lowered: nn.Module) -> RuntimeCoverage | None:
+        """Record what the runtime of `lowered` (from `qdet.lower`) executes in int8; None if it cannot tell."""
+        rc = runtime_coverage(lowered)
+        if rc is not None:
+            self.runtime[rc.runtime] = rc
+        return rc
 
-def coverage(qmodel: Any) -> Coverage:
-    """The coverage of a QuantizedModel (from its layer records and its rewritten graph)."""
+
+def coverage(qmodel: Any, *, lowered: nn.Module | None = None) -> Coverage:
+    """The coverage of a QuantizedModel (from its layer records and its rewritten graph); with
+    `lowered` (`qdet.lower(qmodel, ...)`), also the runtime's own count of int8 convs/matmuls."""
     int8 = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is not Format.FLOAT]
     flt = [r for r in qmodel.layers if r.kind in ("conv", "linear") and r.format is Format.FLOAT]
     kept = [FloatLayer(r.name, r.macs, r.reason or "skipped by the configuration") for r in flt]
@@ -81,7 +99,7 @@ def coverage(qmodel: Any) -> Coverage:
              for u in untraced if u.own_weights]
     unfolded = [f"{path}.{name}" if path else name for path, region in qmodel.regions.items()
                 for name, m in region.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return Coverage(
+    cov = Coverage(
         int8_layers=len(int8), float_layers=len(kept), int8_macs=sum(r.macs for r in int8),
         total_macs=sum(r.macs for r in int8 + flt),
         folded_batchnorms=sum(len(region.folded_bn) for region in qmodel.regions.values()),
@@ -90,6 +108,9 @@ def coverage(qmodel: Any) -> Coverage:
         untraced=[asdict(u) for u in untraced],
         decode_ops=[op for region in qmodel.regions.values() for op in region.float_ops],
     )
+    if lowered is not None:
+        cov.add_runtime(lowered)
+    return cov
 
 
 def warn_if_mostly_float(cov: Coverage) -> None:
@@ -99,3 +120,9 @@ def warn_if_mostly_float(cov: Coverage) -> None:
         names = "; ".join(f"{f.name} ({f.reason})" for f in largest)
         warnings.warn(f"only {100 * cov.int8_mac_share:.1f} % of the conv/linear MACs are int8; largest float layers: "
                       f"{names}", stacklevel=3)
+
+
+def warn_if_runtime_float(rc: RuntimeCoverage | None) -> None:
+    """Warn when the runtime executes some conv/matmul in float (a Q/DQ pattern it did not fuse)."""
+    if rc is not None and rc.float_names:
+        warnings.warn(rc.summary(), stacklevel=3)

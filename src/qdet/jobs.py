@@ -18,7 +18,7 @@ from qdet.config import QuantConfig
 from qdet.data.folders import make_loader, seeded_subset
 from qdet.qmodel import QuantizedModel
 from qdet.bench.latency import torch_threads
-from qdet.coverage import coverage
+from qdet.coverage import coverage, warn_if_runtime_float
 from qdet.errors import ConfigError
 from qdet.models.base import Task
 from qdet.report.table import format_table
@@ -148,6 +148,7 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
     cov = coverage(qmodel)
+    warn_if_runtime_float(cov.add_runtime(lowered_q))  # what the runtime really executes in int8
     meta["coverage"] = cov.as_dict()
     qmodel.metrics = {"rows": rows, **meta}
     cols = ["model", *metric_keys, f"d_{key}", "size_mb"]

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from qdet import api
 from qdet.bench.latency import torch_threads
 from qdet.config import QuantConfig
-from qdet.coverage import coverage
+from qdet.coverage import coverage, warn_if_runtime_float
 from qdet.data.folders import make_loader, seeded_split, seeded_subset
 from qdet.errors import ConfigError, ModelError
 from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, timing_input
@@ -165,6 +165,7 @@ def user_quantize_job(spec: ModelFile, cfg: QuantConfig, opts: JobOptions, *, in
     if opts.bench:
         _add_latency(rows, candidates, timing_input(next(iter(calib)), inputs.batch or 1), opts)
     cov = coverage(qm)
+    warn_if_runtime_float(cov.add_runtime(lowered_q))  # what the runtime really executes in int8
     meta = {
         "model": spec.run_name, "model_file": str(spec.path), "function": spec.function, "data": inputs.data,
         "data_description": inputs.description, "synthetic": inputs.data == "synthetic",

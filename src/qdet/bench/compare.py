@@ -9,6 +9,7 @@ from typing import Any
 from qdet import api
 from qdet.config import QuantConfig
 from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, timing_input
+from qdet.runtimes.executed import runtime_coverage
 
 
 def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
@@ -42,4 +43,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
                      if t.runtime == same.runtime else None})
     cols = ["model", "size_mb", "latency_ms", "p90_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
     title = f"{adapter.name}: batch {batch}, input {shape}, {opts.threads} threads, median of {opts.repeats}"
-    return JobResult(title, rows, cols, {"model": adapter.name, "threads": opts.threads, "batch": batch})
+    executed = runtime_coverage(lowered_q)  # what the runtime really executes in int8 (None: cannot tell)
+    meta = {"model": adapter.name, "threads": opts.threads, "batch": batch,
+            "runtime_coverage": executed.as_dict() if executed else None}
+    return JobResult(title, rows, cols, meta, [executed.summary()] if executed else [])

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 from qdet.errors import RuntimeUnavailable
 from qdet.quant.prepare import PreparedRegion
 from qdet.runtimes.base import Runtime, modules_available, register_runtime
+from qdet.runtimes.executed import RuntimeCoverage, onnxruntime_coverage
 from qdet.runtimes.onnx_export import export_region, save_model
 
 
@@ -56,6 +57,17 @@ class OrtModule(nn.Module):
 
     def fused_ops(self) -> dict[str, int]:
         """Op types in ORT's optimised graph (e.g. how many QLinearConv ran int8)."""
+        counts: dict[str, int] = {}
+        for node in self.optimized_graph().node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
+    def runtime_coverage(self) -> RuntimeCoverage:
+        """Convolutions/matmuls of ORT's optimised graph that run int8 kernels (QLinearConv, QGemm, ...) vs float."""
+        return onnxruntime_coverage(self.optimized_graph(), self.name)
+
+    def optimized_graph(self) -> Any:
+        """The ONNX graph onnxruntime runs after its optimisations (same level as the session)."""
         import tempfile
 
         import onnx
@@ -63,10 +75,7 @@ class OrtModule(nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "opt.onnx"
             make_session(self.onnx_model.SerializeToString(), threads=1, optimized_path=out)
-            counts: dict[str, int] = {}
-            for node in onnx.load(str(out)).graph.node:
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        return counts
+            return onnx.load(str(out)).graph
 
 
 def make_session(model_bytes: bytes, *, threads: int | None, optimized_path: Path | None = None) -> Any:

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.quant.prepare import PreparedRegion
 from qdet.runtimes.base import Runtime, modules_available, register_runtime
+from qdet.runtimes.executed import RuntimeCoverage, _rt, openvino_coverage
 from qdet.runtimes.onnx_export import export_region, save_model
 
 __all__ = ["OpenVinoModule", "OpenVinoRuntime", "compile_onnx"]
@@ -131,12 +132,9 @@ class OpenVinoModule(nn.Module):
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-
-def _rt(info: Any, key: str) -> str:
-    if key not in info:
-        return ""
-    value = info[key]
-    return str(getattr(value, "value", value))
+    def runtime_coverage(self) -> RuntimeCoverage:
+        """Convolutions/matmuls this compiled region executes in int8 (u8/i8 runtime precision) vs float."""
+        return openvino_coverage(self.compiled, self.name)
 
 
 @register_runtime
