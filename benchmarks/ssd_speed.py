@@ -75,26 +75,27 @@ def state_size(model: torch.nn.Module, folder: Path) -> int:
 def setup(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[Any], Callable, Callable]:
     """(float model, adapter, calibration batches, network-alone call, end-to-end call) of one model."""
     adapter = REGISTRY.get(name)
-    shapes = SyntheticShapes(args.calib_images + 1, seed=3, size=320)
+    n = max(2, args.calib_images)  # BatchNorm statistics of a 1×1 map need two images
+    shapes = SyntheticShapes(n + 1, seed=3, size=320)
     torch.manual_seed(0)
     if name == "ssd300_resnet50":
         model = adapter.build("random")
         inputs = SSDInputs(shapes, img_size=adapter.img_size)
-        xs = [inputs[i][0][None] for i in range(args.calib_images)]
+        xs = [inputs[i][0][None] for i in range(n)]
         recalibrate_bn(model, lambda: model.net(torch.cat(xs)))
-        batches = [(x, None) for x in xs]
-        x = inputs[args.calib_images][0][None]
+        batches = [(x, None) for x in xs[: args.calib_images]]
+        x = inputs[n][0][None]
         return model, adapter, batches, (lambda m: m.net(x)), (lambda m: m(x))
     model = adapter.build("random")
-    images = [shapes[i][0] for i in range(args.calib_images)]
+    images = [shapes[i][0] for i in range(n)]
     recalibrate_bn(model, lambda: model.backbone(model.transform(images)[0].tensors))
-    image = shapes[args.calib_images][0]
+    image = shapes[n][0]
     tensor = model.transform([image])[0].tensors
 
     def network(m: torch.nn.Module) -> Any:
         return m.head(list(m.backbone(tensor).values()))
 
-    return model, adapter, [[img] for img in images], network, (lambda m: m([image]))
+    return model, adapter, [[img] for img in images[: args.calib_images]], network, (lambda m: m([image]))
 
 
 def main() -> None:
