@@ -276,3 +276,20 @@ def test_ssd300_resnet50_lowers_to_openvino(r50_int8):
     sqnr = 10 * torch.log10(loc_s.pow(2).sum() / (loc_s - loc_q).pow(2).sum())
     assert sqnr > 15, float(sqnr)  # OpenVINO's int8 kernels agree with qdet's simulation
     assert set(out[0]) == {"boxes", "labels", "scores"} and len(out[0]["scores"]) <= 200
+
+
+def test_loss_targets_decode_back_to_the_ground_truth():
+    from qdet.models.ssd.loss import match, ssd_loss
+
+    dboxes = default_boxes(SSD300_BOXES)
+    gt = torch.tensor([[0.1, 0.2, 0.4, 0.6], [0.5, 0.5, 0.9, 0.8]])
+    gloc, glabel = match(gt, torch.tensor([1, 3]), dboxes)
+    pos = glabel > 0
+    assert set(glabel[pos].tolist()) == {1, 3}
+    back = decode(gloc[None], dboxes)[0][pos]  # the encoded targets decode to their ground-truth box
+    which = torch.where(glabel[pos] == 1, 0, 1)
+    torch.testing.assert_close(back, gt[which], rtol=1e-4, atol=1e-5)
+    loc, conf = torch.zeros(1, 4, 8732, requires_grad=True), torch.zeros(1, 4, 8732, requires_grad=True)
+    loss = ssd_loss(loc, conf, gloc[None], glabel[None])
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss) > 0 and conf.grad.abs().sum() > 0
