@@ -152,7 +152,10 @@ def group(name: str) -> str:
     for head in ("loc", "conf"):
         if re.search(rf"(^|\.){head}\.\d", name):
             return head
-    return ".".join(name.split(".")[:3])
+    parts = name.split(".")
+    if parts[0] == "head":
+        return ".".join(parts[:2])  # regression_head / classification_head, every level
+    return ".".join(parts[:4] if parts[:2] == ["backbone", "features"] else parts[:3])
 
 
 def grouped(errors: list[Any]) -> dict[str, dict[str, float]]:
@@ -221,7 +224,7 @@ def main() -> None:
             report["scopes"][scope] = {"map": m, "drop_points": 100 * (float_map - m), "layers": errs}
             print(f"int8 scope {scope:8s} ({args.runtime}): mAP {m:.4f}, drop {100 * (float_map - m):+.2f} points")
             for g, e in errs.items():
-                print(f"    {g:28s} L1 {e['l1']:.4f}  min SQNR {e['sqnr_db']:6.1f} dB  ({e['layers']} points)")
+                print(f"    {g:28s} L1 {e['l1']:.3e}  min SQNR {e['sqnr_db']:6.1f} dB  ({e['layers']} points)")
 
         # 2. observers (whole detector)
         report["observers"] = {}
@@ -238,7 +241,7 @@ def main() -> None:
         print("\nper-layer-group L1 (float vs int8), whole detector:")
         print(f"{'group':28s}" + "".join(f"{n:>14s}" for n in names))
         for g in groups:
-            print(f"{g:28s}" + "".join(f"{report['observers'][n]['layers'][g]['l1']:14.4f}" for n in names))
+            print(f"{g:28s}" + "".join(f"{report['observers'][n]['layers'][g]['l1']:14.3e}" for n in names))
         print(f"{'mAP':28s}" + "".join(f"{report['observers'][n]['map']:14.4f}" for n in names))
 
         # 3. the mis-normalised calibration set (seed 003's collapse)

@@ -292,4 +292,4 @@ def test_loss_targets_decode_back_to_the_ground_truth():
     loc, conf = torch.zeros(1, 4, 8732, requires_grad=True), torch.zeros(1, 4, 8732, requires_grad=True)
     loss = ssd_loss(loc, conf, gloc[None], glabel[None])
     loss.backward()
-    assert torch.isfinite(loss) and float(loss) > 0 and conf.grad.abs().sum() > 0
+    assert torch.isfinite(loss.detach()) and float(loss.detach()) > 0 and conf.grad.abs().sum() > 0
