@@ -293,3 +293,13 @@ def test_loss_targets_decode_back_to_the_ground_truth():
     loss = ssd_loss(loc, conf, gloc[None], glabel[None])
     loss.backward()
     assert torch.isfinite(loss.detach()) and float(loss.detach()) > 0 and conf.grad.abs().sum() > 0
+
+
+def test_cli_scope_is_for_ssd_models_only(capsys):
+    from qdet.cli import main
+
+    assert main(["quantize", "resnet20", "--scope", "backbone", "--no-progress"]) == 2
+    assert "--scope is for SSD models" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in ("ssd300_resnet50", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large"))
