@@ -303,3 +303,37 @@ def test_cli_scope_is_for_ssd_models_only(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(n in out for n in ("ssd300_resnet50", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large"))
+
+
+class _FirstImages:
+    """The first `n` images of a CocoDetection, with the attributes the evaluators read."""
+
+    def __init__(self, coco, n):
+        self.coco, self.n = coco, n
+        self.annotations_json = coco.annotations_json
+        self.image_ids = coco.image_ids[:n]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i >= self.n:
+            raise IndexError(i)
+        return self.coco[i]
+
+    def meta(self, i):
+        return self.coco.meta(i)
+
+
+@pytest.mark.assets
+def test_coco_evaluation_path_on_two_val_images():
+    from conftest import require_asset
+
+    require_asset("coco/annotations/instances_val2017_subset.json")
+    for name in ("ssd300_resnet50", "ssdlite320_mobilenet_v3_large"):
+        ad = REGISTRY.get(name)
+        torch.manual_seed(0)
+        model = ad.build("random")
+        data = _FirstImages(ad.eval_dataset(), 2)
+        res = ad.evaluate(model, data, progress=False)
+        assert 0.0 <= res.map <= 1.0 and res.num_images == 2  # random weights: only the path is checked

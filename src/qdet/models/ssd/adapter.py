@@ -130,9 +130,7 @@ class SSDResNet50Adapter:
                           foreign={"backbone.": "a torchvision SSD state dict (backbone.*/head.* keys; "
                                                 "ssd300_vgg16 or ssdlite320_mobilenet_v3_large)",
                                    "roi_heads.": "a torchvision Faster R-CNN state dict"})
-        det = SSDDetector(net, img_size=img_size, post=post)
-        det.num_classes = num_classes
-        return det.eval()
+        return SSDDetector(net, img_size=img_size, post=post).eval()
 
     def regions(self, model: nn.Module) -> list[Region]:
         return [Region("net.feature_extractor" if self.scope is Scope.BACKBONE else "net")]

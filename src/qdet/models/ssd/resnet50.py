@@ -117,6 +117,7 @@ class SSDDetector(nn.Module):
     def __init__(self, net: nn.Module, *, img_size: int = 300, post: PostProcess = PostProcess()) -> None:
         super().__init__()
         self.net = net
+        self.num_classes: int = int(getattr(net, "num_classes", 81))  # with background; survives lowering of `net`
         self.img_size = img_size
         self.box_config = scaled_box_config(img_size, feature_sizes(img_size))
         self.register_buffer("dboxes", default_boxes(self.box_config), persistent=False)  # (N, 4) cxcywh
