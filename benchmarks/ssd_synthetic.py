@@ -239,10 +239,10 @@ def main() -> None:
         groups = list(next(iter(report["observers"].values()))["layers"])
         names = list(report["observers"])
         print("\nper-layer-group L1 (float vs int8), whole detector:")
-        print(f"{'group':28s}" + "".join(f"{n:>14s}" for n in names))
+        print(f"{'group':28s}" + "".join(f"{n:>16s}" for n in names))
         for g in groups:
-            print(f"{g:28s}" + "".join(f"{report['observers'][n]['layers'][g]['l1']:14.3e}" for n in names))
-        print(f"{'mAP':28s}" + "".join(f"{report['observers'][n]['map']:14.4f}" for n in names))
+            print(f"{g:28s}" + "".join(f"{report['observers'][n]['layers'][g]['l1']:16.3e}" for n in names))
+        print(f"{'mAP':28s}" + "".join(f"{report['observers'][n]['map']:16.4f}" for n in names))
 
         # 3. the mis-normalised calibration set (seed 003's collapse)
         if args.arch == "r50":
