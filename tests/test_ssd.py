@@ -326,6 +326,7 @@ class _FirstImages:
 
 
 @pytest.mark.assets
+@pytest.mark.slow
 def test_coco_evaluation_path_on_two_val_images():
     from conftest import require_asset
 
