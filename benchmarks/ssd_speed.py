@@ -22,8 +22,9 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -123,8 +124,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             q_size = qdet.save(qm, Path(tmp) / "m.qdet").stat().st_size
             f_size = state_size(model, Path(tmp))
-        calls = {"fp32 network": (lambda: network(fp32)), "int8 network": (lambda: network(int8)),
-                 "fp32 end to end": (lambda: end_to_end(fp32)), "int8 end to end": (lambda: end_to_end(int8))}
+        calls = {"fp32 network": (lambda f=network, m=fp32: f(m)), "int8 network": (lambda f=network, m=int8: f(m)),
+                 "fp32 end to end": (lambda f=end_to_end, m=fp32: f(m)),
+                 "int8 end to end": (lambda f=end_to_end, m=int8: f(m))}
         timed = qdet.api.benchmark({k: (args.runtime, fn, None) for k, fn in calls.items()}, (),
                                    threads=args.threads, warmup=args.warmup, repeats=args.repeats, progress=False)
         lat = {r.name: r.latency for r in timed}

@@ -42,7 +42,12 @@ import qdet
 from qdet.analysis.errors import layer_errors
 from qdet.bench.latency import torch_threads
 from qdet.config import Observer, QuantConfig, default_activation_spec
-from qdet.models.rcnn.synthetic import SHAPE_CLASSES, SyntheticShapes, collate, train_detector
+from qdet.models.rcnn.synthetic import (
+    SHAPE_CLASSES,
+    SyntheticShapes,
+    collate,
+    train_detector,
+)
 from qdet.models.ssd import SSDResNet50Adapter, TorchvisionSSDAdapter
 from qdet.models.ssd.data import SSDInputs
 from qdet.models.ssd.loss import match, ssd_loss

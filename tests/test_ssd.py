@@ -15,7 +15,14 @@ from qdet.config import Observer, QuantConfig
 from qdet.errors import ConfigError, WeightsError
 from qdet.models import REGISTRY
 from qdet.models.rcnn.synthetic import SyntheticShapes
-from qdet.models.ssd import SSD300_BOXES, PostProcess, Scope, decode, default_boxes, postprocess
+from qdet.models.ssd import (
+    SSD300_BOXES,
+    PostProcess,
+    Scope,
+    decode,
+    default_boxes,
+    postprocess,
+)
 from qdet.models.ssd.data import SSDInputs
 from qdet.models.ssd.resnet50 import SSD300ResNet50, feature_sizes
 
@@ -265,12 +272,12 @@ def test_ssd300_resnet50_is_all_int8_and_small(r50_int8, tmp_path):
 @pytest.mark.slow
 def test_ssd300_resnet50_lowers_to_openvino(r50_int8):
     pytest.importorskip("openvino")
-    det, qm, batch = r50_int8
+    _, qm, batch = r50_int8
     x = batch[0][:1]
     ov = qdet.lower(qm, "openvino", threads=1)
     with torch.no_grad():
         loc_q, conf_q = ov.net(x)
-        loc_s, conf_s = qm.model.net(x)
+        loc_s, _ = qm.model.net(x)
         out = ov(x)
     assert loc_q.shape == loc_s.shape and conf_q.shape[1] == 81
     sqnr = 10 * torch.log10(loc_s.pow(2).sum() / (loc_s - loc_q).pow(2).sum())

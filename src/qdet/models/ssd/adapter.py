@@ -33,7 +33,12 @@ from torch import Tensor, nn
 from qdet.errors import ConfigError, WeightsError
 from qdet.models.base import Region, Task
 from qdet.models.ssd.boxes import PostProcess
-from qdet.models.ssd.resnet50 import IMAGENET_MEAN, IMAGENET_STD, SSD300ResNet50, SSDDetector
+from qdet.models.ssd.resnet50 import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SSD300ResNet50,
+    SSDDetector,
+)
 from qdet.models.weights import load_into, load_state_dict_file
 
 __all__ = ["SSD_ADAPTERS", "SSDResNet50Adapter", "Scope", "TorchvisionSSDAdapter"]
@@ -81,7 +86,7 @@ def _load_checked(model: nn.Module, weights: str | Path, *, name: str, class_key
     if not own & set(state):
         for prefix, what in foreign.items():
             if any(k.startswith(prefix) for k in state):
-                raise WeightsError(f"weights '{weights}' are {what}, not {name}'s layout (e.g. {sorted(own)[0]}); "
+                raise WeightsError(f"weights '{weights}' are {what}, not {name}'s layout (e.g. {min(own)}); "
                                    "use the matching adapter")
     if class_key in state and class_key in own:
         out = state[class_key].shape[0]
@@ -105,7 +110,7 @@ class SSDResNet50Adapter:
     # ImageNet-normalised [0, 1] pixels: calibrating on raw [0, 1] images warns (seed 003's collapse)
     input_range: tuple[float, float] = (-IMAGENET_MEAN[0] / IMAGENET_STD[0], (1 - IMAGENET_MEAN[2]) / IMAGENET_STD[2])
 
-    def with_scope(self, scope: Scope | str) -> "SSDResNet50Adapter":
+    def with_scope(self, scope: Scope | str) -> SSDResNet50Adapter:
         return dataclasses.replace(self, scope=_scope(scope))
 
     def build(self, weights: str | Path | None = None, **options: Any) -> SSDDetector:
@@ -185,7 +190,7 @@ class TorchvisionSSDAdapter:
     scope: Scope = Scope.DETECTOR
     task: Task = Task.DETECTION
 
-    def with_scope(self, scope: Scope | str) -> "TorchvisionSSDAdapter":
+    def with_scope(self, scope: Scope | str) -> TorchvisionSSDAdapter:
         return dataclasses.replace(self, scope=_scope(scope))
 
     def build(self, weights: str | Path | None = None, **options: Any) -> nn.Module:

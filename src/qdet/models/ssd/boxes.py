@@ -104,7 +104,7 @@ class PostProcess:
     max_detections: int = 200
 
 
-def postprocess(boxes: Tensor, conf: Tensor, settings: PostProcess = PostProcess()) -> list[dict[str, Tensor]]:
+def postprocess(boxes: Tensor, conf: Tensor, settings: PostProcess | None = None) -> list[dict[str, Tensor]]:
     """Decoded boxes (B, N, 4) and class logits (B, C, N), class 0 = background → per image
     {"boxes" (k, 4) relative x1y1x2y2, "scores" (k,), "labels" (k,) int64 in 1..C-1}, best first.
 
@@ -113,6 +113,7 @@ def postprocess(boxes: Tensor, conf: Tensor, settings: PostProcess = PostProcess
     """
     from torchvision.ops import batched_nms
 
+    settings = settings or PostProcess()
     probs = torch.softmax(conf.float(), dim=1)[:, 1:]  # (B, C-1, N)
     results = []
     for b in range(boxes.shape[0]):

@@ -13,7 +13,7 @@ detector's relative boxes back into the original image's pixels and its labels i
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np

@@ -20,10 +20,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qdet.models.ssd.boxes import PostProcess, decode, default_boxes, postprocess, scaled_box_config
+from qdet.models.ssd.boxes import (
+    PostProcess,
+    decode,
+    default_boxes,
+    postprocess,
+    scaled_box_config,
+)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BOXES_PER_CELL", "OUT_CHANNELS", "SSD300ResNet50", "SSDDetector",
-           "feature_sizes"]
+__all__ = [
+    "BOXES_PER_CELL",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OUT_CHANNELS",
+    "SSD300ResNet50",
+    "SSDDetector",
+    "feature_sizes",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,14 +127,14 @@ class SSDDetector(nn.Module):
     relative to the image, "scores", "labels" 1..C-1}. `raw(x)` is the network's (loc, conf).
     """
 
-    def __init__(self, net: nn.Module, *, img_size: int = 300, post: PostProcess = PostProcess()) -> None:
+    def __init__(self, net: nn.Module, *, img_size: int = 300, post: PostProcess | None = None) -> None:
         super().__init__()
         self.net = net
         self.num_classes: int = int(getattr(net, "num_classes", 81))  # with background; survives lowering of `net`
         self.img_size = img_size
         self.box_config = scaled_box_config(img_size, feature_sizes(img_size))
         self.register_buffer("dboxes", default_boxes(self.box_config), persistent=False)  # (N, 4) cxcywh
-        self.post = post
+        self.post = post or PostProcess()
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
     def forward(self, x: Tensor) -> list[dict[str, Tensor]]:
