@@ -267,6 +267,10 @@ def test_ssd300_resnet50_is_all_int8_and_small(r50_int8, tmp_path):
     save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp_path / "fp32.safetensors"))
     ratio = q.stat().st_size / (tmp_path / "fp32.safetensors").stat().st_size
     assert ratio <= 0.27, ratio
+    loaded = qdet.load(q, REGISTRY.get("ssd300_resnet50").build("random", img_size=264))
+    x = r50_int8[2][0][:1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.net(x), qm.model.net(x))  # the artefact round-trips
 
 
 @pytest.mark.slow
