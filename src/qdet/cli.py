@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet, "
                                  "runs/<file>_<function>.qdet with --model-file)")
     q.add_argument("--no-bench", action="store_true", help="skip latency measurement")
+    q.add_argument("--scope", choices=["detector", "backbone"], default=None,
+                   help="SSD models: int8 for the whole network (detector, default) or the backbone only")
     _add_reference(q)
 
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
@@ -400,6 +402,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option.replace('_', '-')} is for --model-file models only")
     adapter = api.get_adapter(args.model)
+    if args.scope is not None:
+        if not hasattr(adapter, "with_scope"):
+            raise ConfigError(f"--scope is for SSD models; {args.model!r} has no scopes")
+        adapter = adapter.with_scope(args.scope)
     check_args(adapter, args)
     model = build_model(adapter, args)
     cfg = config_from_args(args)
