@@ -401,3 +401,47 @@ def test_coco_inference_through_darknet_preprocessing():
     for d in dets:
         assert d["image_id"] in ids and d["category_id"] in COCO80_TO_91
         assert all(math.isfinite(v) for v in d["bbox"]) and d["bbox"][2] >= 0 and d["bbox"][3] >= 0
+
+
+# ---- the generic `darknet` adapter: any cfg (--cfg), saved and loaded with its cfg text ------------
+
+def test_generic_darknet_adapter_needs_cfg_and_cli_checks_it(tmp_path, capsys):
+    from qdet.cli import main
+
+    assert "darknet" in qdet.models.REGISTRY.names()
+    cfg = _write(tmp_path, TOY, "toy.cfg")
+    bad = _write(tmp_path, TOY.replace("size=1\n", "size=1\nthis line is wrong\n"), "bad.cfg")
+    cases = [
+        (["quantize", "darknet", "--weights", "random"], "model 'darknet' needs --cfg PATH"),
+        (["quantize", "resnet20", "--cfg", str(cfg)], "--cfg is only for Darknet models"),
+        (["quantize", "darknet", "--cfg", str(tmp_path / "missing.cfg"), "--weights", "random"], "missing.cfg'?: no such file"),
+        (["bench", "darknet", "--cfg", str(bad), "--weights", "random"], r"bad.cfg:\d+: expected 'key=value'"),
+        (["export-int", "darknet", "--cfg", str(bad), "--weights", "random"], r"bad.cfg:\d+: expected 'key=value'"),
+        (["quantize", "darknet", "--cfg", str(cfg)], "has no bundled weights; pass --weights PATH"),
+    ]
+    import re
+
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), (argv, err)
+
+
+def test_user_cfg_quantizes_saves_and_loads_from_the_qdet_file_alone(tmp_path):
+    from qdet.cli import resolve_adapter, build_parser
+
+    cfg = _write(tmp_path, TOY, "toy.cfg")
+    args = build_parser().parse_args(["quantize", "darknet", "--cfg", str(cfg), "--weights", "random"])
+    adapter = resolve_adapter(args)
+    assert adapter.name == "darknet" and adapter.cfg_path == cfg.resolve() and adapter.img_size == 64
+    det = adapter.build("random")
+    calib = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    qm = api.quantize(det, calib, QuantConfig(), adapter=adapter, progress=False)
+    path = qdet.save(qm, tmp_path / "toy.qdet")
+    cfg.unlink()  # the .qdet carries the cfg text: no cfg file needed to load it
+    assert qdet.artifact.read_metadata(path)["model_cfg"] == TOY
+    with pytest.warns(UserWarning, match="no weights given"):
+        qm2 = qdet.load(path)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(qm(x), qm2(x), atol=1e-5)

@@ -71,6 +71,9 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
         "metrics": json.dumps(qm.metrics, default=str),
         "calibration_batches": str(qm.calibration_batches),
     }
+    cfg_text = getattr(qm.model, "cfg_text", None)  # a model built from a config file (Darknet .cfg): its text
+    if cfg_text:
+        meta["model_cfg"] = cfg_text
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -121,7 +124,7 @@ def load(
         from qdet.models import REGISTRY
 
         adapter = REGISTRY.get(meta["model_name"])
-        model = adapter.build(None)
+        model = adapter.build(None, **({"cfg_text": meta["model_cfg"]} if "model_cfg" in meta else {}))
         leaf_modules = leaf_modules or {r.path: r.leaf_modules for r in adapter.regions(model)}
     leaf_modules = leaf_modules or {}
     cfg = QuantConfig.from_dict(meta["config"])
