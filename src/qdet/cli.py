@@ -102,6 +102,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="SiLU (YOLO): fused into the int8 conv, only its output quantized (OpenVINO runs it as one "
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
+    g.add_argument("--leaky-mish", default="auto", choices=["auto", "fused", "separate"],
+                   help="LeakyReLU/Mish (Darknet): fused into the int8 conv, only its output quantized (OpenVINO runs "
+                        "conv + activation + requantize as one kernel), or separate, conv output and activation "
+                        "output both int8 (what onnxruntime runs int8). auto: fused when the runtime fuses them "
+                        "(default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
     g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, default=32, dest="calib_batch",
                    help="calibration batch size (default: 32)")
@@ -280,7 +285,9 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     from qdet.runtimes.base import get_runtime
 
     observer = parse_enum(Observer, args.observer, "observer")
-    fuse_silu = args.silu == "fused" or (args.silu == "auto" and get_runtime(args.runtime).fuses_silu)
+    runtime = get_runtime(args.runtime)
+    fuse_silu = args.silu == "fused" or (args.silu == "auto" and runtime.fuses_silu)
+    fuse_leaky_mish = args.leaky_mish == "fused" or (args.leaky_mish == "auto" and runtime.fuses_leaky_mish)
     granularity = PerChannel(0) if args.weight_granularity == "per-channel" else PerTensor()
     return QuantConfig(
         activations=default_activation_spec(observer),
@@ -289,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         format=parse_enum(Format, args.format, "format"),
         skip=tuple(args.skip),
         fuse_silu=fuse_silu,
+        fuse_leaky_mish=fuse_leaky_mish,
     )
 
 
