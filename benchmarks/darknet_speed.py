@@ -2,8 +2,9 @@
 
 RANDOM WEIGHTS (seeded `random_init_`, activations shaped like a trained network's): latency and size
 do not depend on the weight values. Each model is built from its bundled cfg, quantized with the
-default QuantConfig on `--calib-images` seeded uniform images at its input size, and lowered four
-ways (fp32 and int8, OpenVINO and onnxruntime). Every variant of every model is then timed
+default QuantConfig on `--calib-images` seeded uniform images at its input size, and lowered five
+ways (fp32 and int8 on OpenVINO and onnxruntime, plus int8 with LeakyReLU/Mish fused into the conv,
+`QuantConfig(fuse_leaky_mish=True)`, on OpenVINO: what `--leaky-mish auto` picks there). Every variant of every model is then timed
 round-robin in ONE run (each round calls each of them once, batch 1, `--threads` threads), so load
 changes on a shared machine hit all of them alike. A call is the lowered detector's forward: the
 network on the runtime plus the float [yolo] decode (no NMS). Size is the runtime's file on disk.
@@ -63,6 +64,10 @@ def prepare(name: str, size: int, args: argparse.Namespace, tmp: Path) -> dict[s
             for tag, quantized in (("fp32", False), ("int8", True)):
                 lowered = qdet.lower(qm, rt, quantized=quantized, threads=args.threads)
                 variants[f"{tag} {rt}"] = (lowered, _saved_size(lowered, tmp / f"{name}_{rt}_{tag}"))
+        # what `--leaky-mish auto` picks on OpenVINO: leaky/mish inside the int8 conv (one requantization fewer)
+        qm_fused = qdet.quantize(det, calib, qdet.QuantConfig(fuse_leaky_mish=True), adapter=adapter, progress=False)
+        lowered = qdet.lower(qm_fused, "openvino", threads=args.threads)
+        variants["int8 openvino fused"] = (lowered, _saved_size(lowered, tmp / f"{name}_openvino_fused"))
     x = torch.rand(1, 3, size, size, generator=g)
     return {"variants": variants, "input": x, "params": sum(p.numel() for p in det.parameters())}
 
@@ -94,19 +99,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_end = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\nbatch 1, {args.threads} threads, {len(calls)} variants timed round-robin in one run, median of "
           f"{args.repeats} (load average now {load_end})")
-    print(f"  {'model':<12} {'px':>4} {'runtime':<12} {'fp32 ms':>8} {'int8 ms':>8} {'speed-up':>8} "
+    print(f"  {'model':<12} {'px':>4} {'runtime':<27} {'fp32 ms':>8} {'int8 ms':>8} {'speed-up':>8} "
           f"{'fp32 MB':>8} {'int8 MB':>8} {'size ×':>7}")
     rows = []
     for name, p in prepared.items():
-        for rt in RUNTIMES:
-            f, q = lat[f"{name} | fp32 {rt}"], lat[f"{name} | int8 {rt}"]
-            sf, sq = p["variants"][f"fp32 {rt}"][1], p["variants"][f"int8 {rt}"][1]
+        for rt, int8 in (("openvino", "int8 openvino"), ("openvino, leaky/mish fused", "int8 openvino fused"),
+                         ("onnxruntime", "int8 onnxruntime")):
+            fp32 = "fp32 " + rt.split(",")[0]
+            f, q = lat[f"{name} | {fp32}"], lat[f"{name} | {int8}"]
+            sf, sq = p["variants"][fp32][1], p["variants"][int8][1]
             row = {"model": name, "size_px": SIZES[name], "runtime": rt, "fp32_ms": f.median_ms, "int8_ms": q.median_ms,
                    "fp32_p90_ms": f.p90_ms, "int8_p90_ms": q.p90_ms, "speedup": f.median_ms / q.median_ms,
                    "fp32_mb": sf, "int8_mb": sq, "size_ratio": (sf / sq) if sf and sq else None}
             rows.append(row)
             ratio = f"{row['size_ratio']:.2f}" if row["size_ratio"] else "-"
-            print(f"  {name:<12} {SIZES[name]:>4} {rt:<12} {f.median_ms:8.1f} {q.median_ms:8.1f} "
+            print(f"  {name:<12} {SIZES[name]:>4} {rt:<27} {f.median_ms:8.1f} {q.median_ms:8.1f} "
                   f"{row['speedup']:7.2f}× {sf or 0:8.2f} {sq or 0:8.2f} {ratio:>6}×")
     out = {"machine": {**m, "load_end": load_end}, "threads": args.threads, "repeats": args.repeats, "rows": rows}
     if args.json:
