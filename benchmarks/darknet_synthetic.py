@@ -6,7 +6,8 @@ Issue 15's accuracy check. No Darknet .weights can be fetched here, so a small y
 steps on the generated images the Faster R-CNN benchmark uses (`qdet.models.rcnn.synthetic.
 SyntheticShapes`: boxes, discs, triangles on textured backgrounds; train stream seed, calibration
 seed+2, held-out validation seed+1) with `DarknetYoloLoss` (YOLOv5's loss, Darknet's box decode),
-written to and read back from a real-format `.weights` file, quantized with the default
+written to a real-format `.weights` file (cached outside git: ~/.cache/qdet/benchmarks, QDET_CACHE
+overrides; --retrain ignores it) and read back from it, quantized with the default
 `QuantConfig` (64 calibration images) and evaluated with pycocotools: PyTorch fp32 vs int8 on
 OpenVINO (and the int8 simulation and onnxruntime). The numbers say how much int8 changes a trained
 Darknet detector's output; they say nothing about accuracy on real images.
@@ -240,11 +241,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_params = sum(p.numel() for p in det.body.parameters())
         print(f"toy cfg: {len(det.body.layers)} layers, {n_params:,} parameters, heads at strides {det.body.strides}; "
               f"training {args.steps} steps × {args.batch} images at {args.size} px, {args.threads} threads")
+        cache = Path(os.environ.get("QDET_CACHE", Path.home() / ".cache" / "qdet")) / "benchmarks"
+        stem = f"darknet_toy_{args.size}px_{args.steps}steps_b{args.batch}_lr{args.lr:g}_seed{args.seed}"
+        weights, info_path = cache / f"{stem}.weights", cache / f"{stem}.json"
         with torch_threads(args.threads):
-            info = train(det, args)
-            # through a real-format .weights file, as a user's trained model would arrive
-            weights = Path(tmp) / "toy-tiny.weights"
-            save_darknet_weights(det.body, weights)
+            if weights.is_file() and info_path.is_file() and not args.retrain:
+                info = json.loads(info_path.read_text())
+                print(f"loaded cached {weights} (trained {info['steps']} steps in {info['seconds'] / 60:.1f} min)")
+            else:
+                info = train(det, args)
+                # a real-format .weights file, as a user's trained model would arrive (cached outside git)
+                cache.mkdir(parents=True, exist_ok=True)
+                save_darknet_weights(det.body, weights.with_suffix(".tmp"))
+                os.replace(weights.with_suffix(".tmp"), weights)
+                info_path.write_text(json.dumps(info))
             det = load_darknet(cfg, weights, names=SHAPE_CLASSES)
             adapter = DarknetAdapter("darknet", str(cfg))
             calib_set = SyntheticShapes(args.calib_images, seed=args.seed + 2, size=args.size)
@@ -300,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtimes", nargs="*", default=["openvino", "onnxruntime"])
+    ap.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
     ap.add_argument("--skip-simulation", action="store_true", help="skip the (slow) fake-quant simulation row")
     ap.add_argument("--json", type=Path, help="also write the results here")
     return ap
