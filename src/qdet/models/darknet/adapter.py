@@ -1,4 +1,5 @@
-"""Darknet adapters (`darknet-yolov3`, `darknet-yolov4-tiny`, ...): the bundled cfg + a user's .weights.
+"""Darknet adapters: `darknet` (any cfg: `qdet quantize darknet --cfg my.cfg --weights my.weights`) and
+`darknet-yolov3`, `darknet-yolov4-tiny`, ... (the bundled cfgs) + a user's .weights.
 
 What is int8: the whole `body` (every convolution, BN folded, activations, shortcuts, routes,
 max-pools, upsamples). What stays float: the [yolo] decode (sigmoid, grid, anchors, exp or
