@@ -401,3 +401,102 @@ def test_coco_inference_through_darknet_preprocessing():
     for d in dets:
         assert d["image_id"] in ids and d["category_id"] in COCO80_TO_91
         assert all(math.isfinite(v) for v in d["bbox"]) and d["bbox"][2] >= 0 and d["bbox"][3] >= 0
+
+
+# ---- the generic `darknet` adapter: any cfg (--cfg), saved and loaded with its cfg text ------------
+
+def test_generic_darknet_adapter_needs_cfg_and_cli_checks_it(tmp_path, capsys):
+    from qdet.cli import main
+
+    assert "darknet" in qdet.models.REGISTRY.names()
+    cfg = _write(tmp_path, TOY, "toy.cfg")
+    bad = _write(tmp_path, TOY.replace("size=1\n", "size=1\nthis line is wrong\n"), "bad.cfg")
+    cases = [
+        (["quantize", "darknet", "--weights", "random"], "model 'darknet' needs --cfg PATH"),
+        (["quantize", "resnet20", "--cfg", str(cfg)], "--cfg is only for Darknet models"),
+        (["quantize", "darknet", "--cfg", str(tmp_path / "missing.cfg"), "--weights", "random"], "missing.cfg'?: no such file"),
+        (["bench", "darknet", "--cfg", str(bad), "--weights", "random"], r"bad.cfg:\d+: expected 'key=value'"),
+        (["export-int", "darknet", "--cfg", str(bad), "--weights", "random"], r"bad.cfg:\d+: expected 'key=value'"),
+        (["quantize", "darknet", "--cfg", str(cfg)], "has no bundled weights; pass --weights PATH"),
+    ]
+    import re
+
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), (argv, err)
+
+
+def test_user_cfg_quantizes_saves_and_loads_from_the_qdet_file_alone(tmp_path):
+    from qdet.cli import resolve_adapter, build_parser
+
+    cfg = _write(tmp_path, TOY, "toy.cfg")
+    args = build_parser().parse_args(["quantize", "darknet", "--cfg", str(cfg), "--weights", "random"])
+    adapter = resolve_adapter(args)
+    assert adapter.name == "darknet" and adapter.cfg_path == cfg.resolve() and adapter.img_size == 64
+    det = adapter.build("random")
+    calib = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    qm = api.quantize(det, calib, QuantConfig(), adapter=adapter, progress=False)
+    path = qdet.save(qm, tmp_path / "toy.qdet")
+    cfg.unlink()  # the .qdet carries the cfg text: no cfg file needed to load it
+    assert qdet.artifact.read_metadata(path)["model_cfg"] == TOY
+    with pytest.warns(UserWarning, match="no weights given"):
+        qm2 = qdet.load(path)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(qm(x), qm2(x), atol=1e-5)
+
+
+# ---- LeakyReLU / Mish fused into the int8 conv where the runtime fuses them (OpenVINO) ------------
+
+def test_leaky_and_mish_have_their_own_op_kinds():
+    from torch import fx, nn
+    from torch.nn import functional as F
+
+    from qdet.quant.opkinds import LEAKY_MISH, OpKind, op_kind
+
+    class M(nn.Module):
+        def forward(self, x):
+            return F.mish(F.leaky_relu(x, 0.1))
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.LeakyReLU(0.1), nn.Mish()))
+    kinds = [op_kind(n, gm) for n in gm.graph.nodes][1:3]
+    fgm = fx.symbolic_trace(M())
+    assert kinds == [op_kind(n, fgm) for n in fgm.graph.nodes][1:3] == [OpKind.LEAKY_RELU, OpKind.MISH]
+    assert set(kinds) == LEAKY_MISH
+
+
+@pytest.mark.parametrize("act", ["leaky", "mish"])
+def test_fuse_leaky_mish_quantizes_only_the_activation_output_and_openvino_fuses_it(act, tmp_path):
+    text = TOY.replace("activation=leaky", f"activation={act}").replace(
+        "[convolutional]\nfilters=18", f"[convolutional]\nbatch_normalize=1\nfilters=16\nsize=3\nstride=1\npad=1\n"
+                                       f"activation={act}\n\n[convolutional]\nfilters=18")
+    det = load_darknet(_write(tmp_path, text, "toy.cfg"), "random")
+    calib = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    adapter = api.get_adapter("darknet")
+    sep = api.quantize(det, calib, QuantConfig(), adapter=adapter, progress=False)
+    fused = api.quantize(det, calib, QuantConfig(fuse_leaky_mish=True), adapter=adapter, progress=False)
+    names = lambda qm: [rec.name for rec in qm.layers]  # noqa: E731
+    assert [n for n in names(sep) if n.endswith(".act")] == ["body.layers.0.act", "body.layers.1.act"]
+    assert not [n for n in names(fused) if n.endswith(".act")]
+    pytest.importorskip("openvino")
+    from qdet.cli import build_parser, config_from_args
+    from qdet.runtimes.openvino import _rt
+
+    assert config_from_args(build_parser().parse_args(["quantize", "darknet", "--runtime", "openvino"])).fuse_leaky_mish
+    assert not config_from_args(build_parser().parse_args(["quantize", "darknet", "--runtime", "onnxruntime"])).fuse_leaky_mish
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ops = {}
+    for tag, qm in (("separate", sep), ("fused", fused)):
+        low = api.lower(qm, "openvino", threads=1)
+        with torch.no_grad():
+            assert low(x).shape == det(x).shape
+        compiled = low.body.compiled.get_runtime_model().get_ordered_ops()
+        ops[tag] = [(_rt(op.get_rt_info(), "layerType") or op.get_type_name(), _rt(op.get_rt_info(), "originalLayersNames") or "")
+                    for op in compiled]
+    # fused: each activation is among the layers of its int8 Convolution kernel, nothing runs after it
+    convs = [names for kind, names in ops["fused"] if kind == "Convolution"]
+    assert len(convs) == 3 and all(("LeakyRelu" if act == "leaky" else "/Mul") in c for c in convs[:2])
+    n_after = lambda tag: sum(kind in ("Subgraph", "Eltwise") for kind, _ in ops[tag])  # noqa: E731
+    # separate: per activation a DQ → LeakyRelu → Q subgraph (mish: DQ, then the Mish in f32, then Q)
+    assert n_after("separate") - n_after("fused") == {"leaky": 2, "mish": 6}[act]

@@ -102,6 +102,9 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
         "metrics": json.dumps(qm.metrics, default=str),
         "calibration_batches": str(qm.calibration_batches),
     }
+    cfg_text = getattr(qm.model, "cfg_text", None)  # a model built from a config file (Darknet .cfg): its text
+    if cfg_text:
+        meta["model_cfg"] = cfg_text
     meta["sha256"] = payload_sha256(meta, tensors)
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -378,7 +381,7 @@ def load(
             adapter = REGISTRY.get(meta["model_name"])
         except QdetError as exc:
             raise _bad(path, f"field 'model_name': {exc}") from None
-        model = adapter.build(None)
+        model = adapter.build(None, **({"cfg_text": meta["model_cfg"]} if "model_cfg" in meta else {}))
         leaf_modules = leaf_modules or {r.path: r.leaf_modules for r in adapter.regions(model)}
     leaf_modules = leaf_modules or {}
     cfg = meta["config"]

@@ -5,6 +5,7 @@ Examples:
     qdet quantize resnet56                       # bundled CIFAR-10 weights and test images
     qdet quantize resnet50 --weights r50.pth --data /data/imagenette/val --threads 2
     qdet quantize --model-file my_model.py:build --input-size 3,224,224 --data images/ --preprocess imagenet
+    qdet quantize darknet --cfg yolov4.cfg --weights yolov4.weights --data coco-dir
     qdet eval resnet56 --qmodel runs/resnet56.qdet --json out.json
     qdet bench resnet50 --runtime onnxruntime --threads 2
     qdet qat resnet20 --weight-bits 4 --steps 300  # fine-tune on 5,000 CIFAR test images, evaluate on the rest
@@ -105,6 +106,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="SiLU (YOLO): fused into the int8 conv, only its output quantized (OpenVINO runs it as one "
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
+    g.add_argument("--leaky-mish", default="auto", choices=["auto", "fused", "separate"],
+                   help="LeakyReLU/Mish (Darknet): fused into the int8 conv, only its output quantized (OpenVINO runs "
+                        "conv + activation + requantize as one kernel), or separate, conv output and activation "
+                        "output both int8 (what onnxruntime runs int8). auto: fused when the runtime fuses them "
+                        "(default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
     g.add_argument("--calib-batch-size", "--calib-batch", type=BATCH, default=32, dest="calib_batch",
                    help="calibration batch size (default: 32)")
@@ -122,6 +128,7 @@ def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None
     p.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
     p.add_argument("--data", help="evaluation/calibration data folder, or kitti:DIR / coco:DIR "
                    "(default: the model's bundled set)")
+    _add_cfg(p)
     p.add_argument("--num-classes", type=POSITIVE, help="classes of the --weights checkpoint when they differ from the "
                    "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
@@ -130,6 +137,11 @@ def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None
     p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
     _add_json_progress(p)
+
+
+def _add_cfg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", metavar="PATH", help="Darknet models: the network's .cfg file (model `darknet` needs it; "
+                   "for darknet-yolov3 etc. it replaces the bundled cfg)")
 
 
 def _add_json_progress(p: argparse.ArgumentParser) -> None:
@@ -231,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "zero points) as JSON for hardware implementations.")
     x.add_argument("model", help="model name (see `qdet list`)")
     x.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
+    _add_cfg(x)
     x.add_argument("--data", help="calibration data folder (default: the model's bundled set)")
     x.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
     x.add_argument("--out", help="the integer-parameter JSON file to write (default: runs/<model>_integer.json)")
@@ -303,7 +316,9 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     from qdet.runtimes.base import get_runtime
 
     observer = parse_enum(Observer, args.observer, "observer")
-    fuse_silu = args.silu == "fused" or (args.silu == "auto" and get_runtime(args.runtime).fuses_silu)
+    runtime = get_runtime(args.runtime)
+    fuse_silu = args.silu == "fused" or (args.silu == "auto" and runtime.fuses_silu)
+    fuse_leaky_mish = args.leaky_mish == "fused" or (args.leaky_mish == "auto" and runtime.fuses_leaky_mish)
     granularity = PerChannel(0) if args.weight_granularity == "per-channel" else PerTensor()
     return QuantConfig(
         activations=default_activation_spec(observer),
@@ -312,6 +327,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         format=parse_enum(Format, args.format, "format"),
         skip=tuple(args.skip),
         fuse_silu=fuse_silu,
+        fuse_leaky_mish=fuse_leaky_mish,
     )
 
 
@@ -338,6 +354,29 @@ def check_args(adapter: Any, args: argparse.Namespace) -> None:
         raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
     if getattr(args, "with_reference", False) and adapter.task is not Task.CLASSIFICATION:
         raise ConfigError("--with-reference is supported for classifiers only")
+
+
+def resolve_adapter(args: argparse.Namespace) -> Any:
+    """The model's adapter, on the `--cfg` file when given (Darknet models only), with every
+    model-dependent option checked (`check_args`)."""
+    from qdet import api
+
+    adapter = api.get_adapter(args.model)
+    cfg = getattr(args, "cfg", None)
+    if cfg is not None:
+        if not hasattr(adapter, "with_cfg"):
+            raise ConfigError(f"--cfg is only for Darknet models (darknet, darknet-yolov4, ...), not {args.model!r}")
+        adapter = adapter.with_cfg(cfg)
+    elif getattr(adapter, "needs_cfg", False):
+        raise ConfigError(f"model {args.model!r} needs --cfg PATH (a Darknet .cfg file; or use a bundled cfg: "
+                          "darknet-yolov3, darknet-yolov4-tiny, ...)")
+    scope = getattr(args, "scope", None)
+    if scope is not None:
+        if not hasattr(adapter, "with_scope"):
+            raise ConfigError(f"--scope is for SSD models; {args.model!r} has no scopes")
+        adapter = adapter.with_scope(scope)
+    check_args(adapter, args)
+    return adapter
 
 
 def build_model(adapter: Any, args: argparse.Namespace) -> Any:
@@ -401,12 +440,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     for option in ("input_size", "preprocess"):
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option.replace('_', '-')} is for --model-file models only")
-    adapter = api.get_adapter(args.model)
-    if args.scope is not None:
-        if not hasattr(adapter, "with_scope"):
-            raise ConfigError(f"--scope is for SSD models; {args.model!r} has no scopes")
-        adapter = adapter.with_scope(args.scope)
-    check_args(adapter, args)
+    adapter = resolve_adapter(args)
     model = build_model(adapter, args)
     cfg = config_from_args(args)
     result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
@@ -443,8 +477,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qdet import api
     from qdet.jobs import compare_job
 
-    adapter = api.get_adapter(args.model)
-    check_args(adapter, args)
+    adapter = resolve_adapter(args)
     model = build_model(adapter, args)
     qm = api.load(args.qmodel, build_model(adapter, args))
     result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
@@ -452,11 +485,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from qdet import api
     from qdet.bench.compare import bench_job
 
-    check_args(api.get_adapter(args.model), args)
-    _emit(bench_job(args, config_from_args(args)), args)
+    _emit(bench_job(args, config_from_args(args), adapter=resolve_adapter(args)), args)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -468,8 +499,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from qdet.jobs import calibration_loader, compare_job
     from qdet.runtimes.base import get_runtime
 
-    adapter = api.get_adapter(args.model)
-    check_args(adapter, args)
+    adapter = resolve_adapter(args)
     check_metric_images(adapter, args.search_on)
     if args.search_runtime:
         get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
@@ -614,8 +644,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
     from qdet.models.base import Task
     from qdet.qat_jobs import classification_qat_job, detection_qat_job
 
-    adapter = api.get_adapter(args.model)
-    check_args(adapter, args)
+    adapter = resolve_adapter(args)
     job = classification_qat_job if adapter.task is Task.CLASSIFICATION else detection_qat_job
     if job is classification_qat_job and args.img_size is not None:
         raise ConfigError("--img-size is for detectors; classifiers take the folder's images as they are")
@@ -636,8 +665,7 @@ def cmd_export_int(args: argparse.Namespace) -> None:
     from qdet.jobs import JobOptions, calibration_loader
     from qdet.runtimes.integer_export import export_integer_params
 
-    adapter = api.get_adapter(args.model)
-    check_args(adapter, args)
+    adapter = resolve_adapter(args)
     if args.qmodel:
         qm = api.load(args.qmodel, adapter.build(args.weights))
     else:

@@ -147,6 +147,12 @@ class QuantConfig:
         about 2× faster than the decomposed form there); onnxruntime has no int8 conv+SiLU kernel and
         runs such convs in float, so the default (False) decomposes SiLU into x · sigmoid(x) with
         both halves quantized, which every int8 runtime executes.
+    fuse_leaky_mish: LeakyReLU and Mish (Darknet's leaky/mish) after a conv/linear/add are part of
+        that op, as fuse_silu does for SiLU: OpenVINO then runs conv + activation + requantize as one
+        `Convolution/u8` kernel (its compiled model shows the activation among the conv's fused layers),
+        one rounding point instead of two. onnxruntime has no such int8 kernel (its QDQ conv needs a
+        Q right after the conv) and would run those convs in float, so the default (False) quantizes
+        conv output and activation output separately, which every int8 runtime executes.
     """
 
     activations: QuantSpec | Observer = Observer.HISTOGRAM
@@ -158,6 +164,7 @@ class QuantConfig:
     quantize_outputs: bool = True
     share_concat_ranges: bool = False
     fuse_silu: bool = False
+    fuse_leaky_mish: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, Observer):

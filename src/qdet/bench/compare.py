@@ -12,8 +12,8 @@ from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, buil
 from qdet.runtimes.executed import runtime_coverage
 
 
-def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
-    adapter = api.get_adapter(args.model)
+def bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: Any = None) -> JobResult:
+    adapter = adapter if adapter is not None else api.get_adapter(args.model)
     model = build_model(adapter, args.weights, args.num_classes)
     opts = JobOptions(calib_images=args.calib_images, calib_batch=args.calib_batch, seed=args.seed,
                       runtime=args.runtime, threads=args.threads, repeats=args.repeats, data=args.data,

@@ -34,7 +34,9 @@ class OpKind(Enum):
     RELU6 = "relu6"
     SILU = "silu"
     SIGMOID = "sigmoid"
-    ACTIVATION = "activation"  # other elementwise nonlinearities: Hardswish, Mish, GELU, LeakyReLU, ...
+    LEAKY_RELU = "leaky_relu"
+    MISH = "mish"
+    ACTIVATION = "activation"  # other elementwise nonlinearities: Hardswish, GELU, ELU, Tanh, ...
     ADD = "add"  # of two tensors
     MUL = "mul"  # of two tensors
     CAT = "cat"
@@ -55,6 +57,9 @@ GRID_KEEPING = frozenset({OpKind.MAXPOOL, OpKind.SHAPE, OpKind.IDENTITY, OpKind.
 # Clamps an int8 conv/linear/add applies for free (folded into the requantization range).
 CLAMPS = frozenset({OpKind.RELU, OpKind.RELU6})
 WEIGHTED = frozenset({OpKind.CONV, OpKind.LINEAR})
+# Activations OpenVINO runs as post-ops of the int8 conv before its requantization (Darknet's leaky
+# and mish); QuantConfig(fuse_leaky_mish=True) quantizes only their output.
+LEAKY_MISH = frozenset({OpKind.LEAKY_RELU, OpKind.MISH})
 
 
 def _frozen_bn_types() -> tuple[type[nn.Module], ...]:
@@ -65,7 +70,7 @@ def _frozen_bn_types() -> tuple[type[nn.Module], ...]:
     return (FrozenBatchNorm2d,)
 
 
-_ACTIVATION_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Softplus,
+_ACTIVATION_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.ELU, nn.Tanh, nn.Softplus,
                        nn.PReLU, nn.Hardtanh)
 _MATMUL_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
@@ -90,6 +95,10 @@ def module_kind(mod: nn.Module) -> OpKind:
         return OpKind.SILU
     if isinstance(mod, nn.Sigmoid):
         return OpKind.SIGMOID
+    if isinstance(mod, nn.LeakyReLU):
+        return OpKind.LEAKY_RELU
+    if isinstance(mod, nn.Mish):
+        return OpKind.MISH
     if isinstance(mod, _ACTIVATION_MODULES):
         return OpKind.ACTIVATION
     if isinstance(mod, nn.MaxPool2d):
@@ -110,8 +119,8 @@ def module_kind(mod: nn.Module) -> OpKind:
 _FUNCTIONS: dict[Any, OpKind] = {
     F.relu: OpKind.RELU, torch.relu: OpKind.RELU, F.relu6: OpKind.RELU6,
     F.silu: OpKind.SILU, torch.sigmoid: OpKind.SIGMOID, F.sigmoid: OpKind.SIGMOID,
-    F.hardswish: OpKind.ACTIVATION, F.hardsigmoid: OpKind.ACTIVATION, F.mish: OpKind.ACTIVATION,
-    F.gelu: OpKind.ACTIVATION, F.leaky_relu: OpKind.ACTIVATION, torch.tanh: OpKind.ACTIVATION,
+    F.hardswish: OpKind.ACTIVATION, F.hardsigmoid: OpKind.ACTIVATION, F.mish: OpKind.MISH,
+    F.gelu: OpKind.ACTIVATION, F.leaky_relu: OpKind.LEAKY_RELU, torch.tanh: OpKind.ACTIVATION,
     F.elu: OpKind.ACTIVATION,
     torch.cat: OpKind.CAT, torch.concat: OpKind.CAT,
     F.max_pool2d: OpKind.MAXPOOL, F.avg_pool2d: OpKind.AVGPOOL, F.adaptive_avg_pool2d: OpKind.AVGPOOL,

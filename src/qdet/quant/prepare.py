@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
 from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
-from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, WEIGHTED, OpKind, is_decode_op, module_kind, op_kind
+from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, LEAKY_MISH, WEIGHTED, OpKind, is_decode_op, module_kind, op_kind
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
 from qdet.quant.quantizer import (
     CastQuantizer,
@@ -39,7 +39,6 @@ from qdet.quant.quantizer import (
     make_weight_quantizer,
 )
 
-_SILU_FUSED_KINDS = CLAMPS | {OpKind.SILU}  # with QuantConfig(fuse_silu=True): SiLU runs inside the int8 conv
 
 
 @dataclass
@@ -254,7 +253,7 @@ class _Inserter:
         if node in self.decode_tail:
             self.float_ops.append(self.layer_name(node))
             return  # box decoding after the last conv/linear: a float island by op kind
-        if _is_fused_activation(self.gm, node, self.cfg.fuse_silu) and self._producer_absorbs(node):
+        if _is_fused_activation(self.gm, node, self.cfg) and self._producer_absorbs(node):
             return  # handled by the op it follows
         if self._is_passthrough(node):
             self._tie(node)
@@ -275,7 +274,7 @@ class _Inserter:
         if kind in ("conv", "linear") and fmt is not Format.FLOAT and node.args and isinstance(node.args[0], fx.Node):
             link_input_quantizer(self.gm.get_submodule(str(node.target)), self.source_q.get(node.args[0]))
         out_node = node
-        act = _single_fused_activation_user(self.gm, node, self.cfg.fuse_silu) if kind in ("conv", "linear", "add") else None
+        act = _single_fused_activation_user(self.gm, node, self.cfg) if kind in ("conv", "linear", "add") else None
         if act is not None:
             out_node = act
         if kind == "conv" and self.cfg.residual is ResidualPolicy.FUSE_CONV_ADD and act is None and _feeds_add_only(node):
@@ -450,15 +449,21 @@ def _is_tensor_tuple(node: fx.Node) -> bool:
     return isinstance(meta, (tuple, list)) and len(meta) > 0 and all(hasattr(m, "dtype") for m in meta)
 
 
-def _is_fused_activation(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> bool:
-    return op_kind(node, gm) in (_SILU_FUSED_KINDS if silu else CLAMPS)
+def fused_activation_kinds(cfg: QuantConfig) -> frozenset[OpKind]:
+    """Activations that are part of the conv/linear/add before them (only their output is quantized):
+    the clamps always; SiLU with `fuse_silu`; LeakyReLU and Mish with `fuse_leaky_mish`."""
+    return CLAMPS | ({OpKind.SILU} if cfg.fuse_silu else set()) | (LEAKY_MISH if cfg.fuse_leaky_mish else set())
 
 
-def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node, silu: bool = False) -> fx.Node | None:
+def _is_fused_activation(gm: fx.GraphModule, node: fx.Node, cfg: QuantConfig) -> bool:
+    return op_kind(node, gm) in fused_activation_kinds(cfg)
+
+
+def _single_fused_activation_user(gm: fx.GraphModule, node: fx.Node, cfg: QuantConfig) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     (user,) = node.users
-    return user if _is_fused_activation(gm, user, silu) else None
+    return user if _is_fused_activation(gm, user, cfg) else None
 
 
 def _feeds_add_only(node: fx.Node) -> bool:

@@ -17,7 +17,7 @@ from torch import fx, nn
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.qmodel import QuantizedModel, _get, _set, example_inputs
 from qdet.quant.calibrate import quantization_disabled
-from qdet.quant.opkinds import OpKind, op_kind
+from qdet.quant.opkinds import LEAKY_MISH, OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
 
 
@@ -35,6 +35,8 @@ class Runtime(ABC):
     description: str = ""
     # Applies SiLU inside its int8 conv kernel, so QuantConfig(fuse_silu=True) suits it best.
     fuses_silu: bool = False
+    # Applies LeakyReLU/Mish inside its int8 conv kernel, so QuantConfig(fuse_leaky_mish=True) suits it.
+    fuses_leaky_mish: bool = False
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.threads = threads
@@ -54,6 +56,10 @@ class Runtime(ABC):
         if quantized and qmodel.config.fuse_silu and not self.fuses_silu and _has_silu(qmodel):
             warnings.warn(f"runtime {self.name!r} has no int8 conv+SiLU kernel: convs followed by SiLU run in float; "
                           "quantize with fuse_silu=False (--silu decomposed) for this runtime", stacklevel=2)
+        if quantized and qmodel.config.fuse_leaky_mish and not self.fuses_leaky_mish and _has_kind(qmodel, LEAKY_MISH):
+            warnings.warn(f"runtime {self.name!r} has no int8 conv+LeakyReLU/Mish kernel: convs followed by them may "
+                          "run in float; quantize with fuse_leaky_mish=False (--leaky-mish separate) for this runtime",
+                          stacklevel=2)
         lowered = copy.deepcopy(qmodel.model)
         for path, region in qmodel.regions.items():
             shapes = qmodel.input_shapes.get(path)
@@ -74,7 +80,11 @@ class Runtime(ABC):
 
 
 def _has_silu(qmodel: QuantizedModel) -> bool:
-    return any(op_kind(node, region.module) is OpKind.SILU
+    return _has_kind(qmodel, {OpKind.SILU})
+
+
+def _has_kind(qmodel: QuantizedModel, kinds: frozenset[OpKind] | set[OpKind]) -> bool:
+    return any(op_kind(node, region.module) in kinds
                for region in qmodel.regions.values() for node in region.module.graph.nodes)
 
 
@@ -84,6 +94,7 @@ class ReferenceRuntime(Runtime):
     name = "reference"
     description = "fake-quant simulation in PyTorch (float math on int8-grid values)"
     fuses_silu = True  # simulates whichever form was quantized
+    fuses_leaky_mish = True
 
     def lower_region(self, region: PreparedRegion, example_inputs: tuple[Any, ...], *, quantized: bool) -> nn.Module:
         if quantized:

@@ -144,6 +144,7 @@ class OpenVinoRuntime(Runtime):
 
     precision: str = "f32"
     fuses_silu = True
+    fuses_leaky_mish = True  # conv + LeakyRelu/Mish + FakeQuantize compile to one Convolution/u8 (post-ops)
 
     @classmethod
     def is_available(cls) -> bool:

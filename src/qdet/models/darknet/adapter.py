@@ -1,4 +1,5 @@
-"""Darknet adapters (`darknet-yolov3`, `darknet-yolov4-tiny`, ...): the bundled cfg + a user's .weights.
+"""Darknet adapters: `darknet` (any cfg: `qdet quantize darknet --cfg my.cfg --weights my.weights`) and
+`darknet-yolov3`, `darknet-yolov4-tiny`, ... (the bundled cfgs) + a user's .weights.
 
 What is int8: the whole `body` (every convolution, BN folded, activations, shortcuts, routes,
 max-pools, upsamples). What stays float: the [yolo] decode (sigmoid, grid, anchors, exp or
@@ -12,7 +13,7 @@ new_coords) and NMS — the float islands after the region. Quantization itself 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,12 +23,14 @@ from torch.utils.data import Dataset
 
 from qdet.errors import ConfigError
 from qdet.models.base import Region, Task
-from qdet.models.darknet.cfg import parse_cfg
+from qdet.models.darknet.cfg import DarknetCfg, parse_cfg, parse_cfg_text
 from qdet.models.darknet.model import DarknetDetector, build_darknet, random_init_
 from qdet.models.darknet.weights import load_darknet_weights
 from qdet.paths import assets_dir
 
 RANDOM_INIT = "random"
+GENERIC = "darknet"  # the adapter for any cfg: `qdet quantize darknet --cfg my.cfg --weights my.weights`
+SAVED_CFG = "<cfg saved in the .qdet file>"
 
 
 def darknet_assets() -> Path:
@@ -42,19 +45,22 @@ def read_names(path: str | Path) -> list[str]:
         raise ConfigError(f"cannot read class names '{path}': {e.strerror or e}") from None
 
 
-def load_darknet(cfg: str | Path, weights: str | Path | None = None, *, names: Sequence[str] | None = None,
-                 seed: int = 0) -> DarknetDetector:
-    """A `DarknetDetector` from a .cfg and (optionally) a .weights file; float32, eval mode.
+def load_darknet(cfg: str | Path | DarknetCfg, weights: str | Path | None = None, *,
+                 names: Sequence[str] | None = None, seed: int = 0) -> DarknetDetector:
+    """A `DarknetDetector` from a .cfg (a path or a parsed cfg) and (optionally) a .weights file;
+    float32, eval mode. Its `cfg_text` keeps the cfg text (a saved .qdet stores it).
 
     Without weights (or with "random") the model is randomly initialised by `random_init_(seed=seed)`.
     """
-    parsed = parse_cfg(cfg)
+    parsed = cfg if isinstance(cfg, DarknetCfg) else parse_cfg(cfg)
     body = build_darknet(parsed)
     if weights is None or str(weights) == RANDOM_INIT:
         random_init_(body, seed=seed)
     else:
         load_darknet_weights(body, weights)
-    return DarknetDetector(body, names, parsed.net).eval()
+    det = DarknetDetector(body, names, parsed.net).eval()
+    det.cfg_text = parsed.text
+    return det
 
 
 @dataclass(frozen=True)
@@ -62,15 +68,30 @@ class DarknetAdapter:
     """One Darknet cfg. No weights are bundled: `build` needs a .weights path or "random"."""
 
     name: str
-    cfg_file: str  # a bare file name: under the assets' darknet/ folder; otherwise a path
+    cfg_file: str  # a bare file name: under the assets' darknet/ folder; otherwise a path; "" = none yet (--cfg)
     task: Task = Task.DETECTION
     weights_kind: str = "a Darknet .weights file"
     input_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def cfg_path(self) -> Path:
+        if not self.cfg_file:
+            raise ConfigError(f"model {self.name!r} needs --cfg PATH (a Darknet .cfg file)")
         p = Path(self.cfg_file)
         return darknet_assets() / p if p.name == self.cfg_file else p  # never a same-named file in the cwd
+
+    @property
+    def needs_cfg(self) -> bool:
+        """The generic `darknet` adapter has no cfg of its own: the CLI asks for --cfg."""
+        return not self.cfg_file
+
+    def with_cfg(self, path: str | Path) -> "DarknetAdapter":
+        """This adapter on another cfg file (the CLI's --cfg): checked to exist and to parse, before any work."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--cfg {str(path)!r}: no such file")
+        parse_cfg(p)  # a malformed file fails here: one line naming file, line and key
+        return replace(self, cfg_file=str(p.resolve()))
 
     @property
     def img_size(self) -> int:
@@ -79,8 +100,11 @@ class DarknetAdapter:
 
     def build(self, weights: str | Path | None = None, **options: Any) -> DarknetDetector:
         """weights: a Darknet .weights file or "random" (None: random, with a warning). Options: cfg (another .cfg of the family),
-        names (a .names file; default the bundled coco.names when the cfg has 80 classes)."""
-        cfg = options.pop("cfg", None) or self.cfg_path
+        cfg_text (the cfg's text, as a saved .qdet holds it), names (a .names file; default the bundled
+        coco.names when the cfg has 80 classes)."""
+        cfg_text = options.pop("cfg_text", None)
+        cfg = options.pop("cfg", None)
+        cfg = parse_cfg_text(cfg_text, SAVED_CFG) if cfg_text is not None else cfg or self.cfg_path
         names_file = options.pop("names", None)
         if options:
             raise ConfigError(f"{self.name}: unknown option(s) {sorted(options)}")
@@ -160,7 +184,7 @@ class DarknetAdapter:
         return non_max_suppression(predictions(output, None), conf, iou, multi_label=False, max_det=100)
 
 
-DARKNET_ADAPTERS: Sequence[DarknetAdapter] = tuple(
+DARKNET_ADAPTERS: Sequence[DarknetAdapter] = (DarknetAdapter(GENERIC, ""),) + tuple(
     DarknetAdapter(f"darknet-{n}", f"{n}.cfg")
     for n in ("yolov3", "yolov3-spp", "yolov3-tiny", "yolov4", "yolov4-tiny", "yolov4-csp")
 )

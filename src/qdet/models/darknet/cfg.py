@@ -114,6 +114,7 @@ class DarknetCfg:
     source: str
     net_section: Section
     layers: list[Section]
+    text: str = ""  # the cfg text it was parsed from (a saved .qdet stores it to rebuild the network)
 
     @property
     def net(self) -> NetOptions:
@@ -160,7 +161,7 @@ def parse_cfg_text(text: str, source: str = "<cfg>") -> DarknetCfg:
         raise ConfigError(f"{source}:{extra[0].line}: a second [net] section")
     if len(sections) == 1:
         raise ConfigError(f"{source}: no layers after [net]")
-    return DarknetCfg(source, sections[0], sections[1:])
+    return DarknetCfg(source, sections[0], sections[1:], text)
 
 
 def parse_cfg(path: str | Path) -> DarknetCfg:

@@ -84,9 +84,7 @@ class YoloV5Loss:
             img, a, gj, gi, tbox, cls = self._assign(targets.to(device), i, h, w)
             if len(img):
                 ps = p[img, a, gj, gi]  # (n, no)
-                pxy = ps[:, :2].sigmoid() * 2 - 0.5
-                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * self.anchors[i].to(device)[a]
-                iou = bbox_ciou(torch.cat((pxy, pwh), 1), tbox)
+                iou = bbox_ciou(self.decode_box(ps, i, self.anchors[i].to(device)[a]), tbox)
                 lbox = lbox + (1.0 - iou).mean()
                 tobj[img, a, gj, gi] = iou.detach().clamp(0).to(tobj.dtype)  # IoU as objectness target
                 if self.nc > 1:
@@ -96,6 +94,17 @@ class YoloV5Loss:
             lobj = lobj + F.binary_cross_entropy_with_logits(p[..., 4], tobj) * self.balance[i]
         parts = torch.stack((lbox * self.w_box, lobj * self.w_obj, lcls * self.w_cls))
         return parts.sum() * bs, parts.detach()
+
+    def decode_box(self, ps: torch.Tensor, level: int, anchors: torch.Tensor) -> torch.Tensor:
+        """Matched raw rows (n, no) → (n, 4) xywh in grid units relative to the cell; YOLOv5's decode."""
+        pxy = ps[:, :2].sigmoid() * 2 - 0.5
+        pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anchors
+        return torch.cat((pxy, pwh), 1)
+
+    def neighbour_reach(self, level: int) -> float:
+        """How far (cells) beyond its own cell a prediction's centre reaches: YOLOv5's 2σ − 0.5 reaches
+        0.5, so targets are also assigned to the neighbouring cells within half a cell."""
+        return 0.5
 
     def _assign(self, targets: torch.Tensor, level: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
         """Matched (image, anchor, grid y, grid x, target box relative to the cell, class) at one level."""
@@ -108,7 +117,7 @@ class YoloV5Loss:
         a_idx, t_idx = keep.nonzero(as_tuple=True)
         gxy = t[t_idx, :2]  # (m, 2)
         gxy_inv = torch.tensor([w, h], device=device, dtype=gxy.dtype) - gxy
-        g = 0.5
+        g = self.neighbour_reach(level)
         near_lo = (gxy % 1 < g) & (gxy > 1)  # closer to the left/top border: the cell left/above too
         near_hi = (gxy_inv % 1 < g) & (gxy_inv > 1)
         offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device, dtype=gxy.dtype) * g
