@@ -27,11 +27,10 @@ from torch import nn
 from qdet.config import QuantConfig
 from qdet.errors import WeightsError
 from qdet.fileio import write_atomically
-from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes
+from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes, declared_leaves
 from qdet.quant.calibrate import quantizers
 from qdet.quant.qparams import dequantize
-from qdet.quant.qparams import quantize as quantize_codes
-from qdet.quant.quantizer import Quantizer
+from qdet.quant.quantizer import Quantizer, weight_codes
 
 FORMAT = "qdet/1"
 
@@ -56,7 +55,7 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
     for name, tensor in state.items():
         if name in int_weights:
             q = int_weights[name]
-            codes = quantize_codes(tensor, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.axis)
+            codes = weight_codes(tensor, q)
             tensors[name] = codes.to(torch.int8 if q.spec.signed else torch.uint8)
         else:
             tensors[name] = tensor.detach().contiguous().clone()
@@ -96,13 +95,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
-    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
-    while path not in leaf_modules and path:
-        path = path.rpartition(".")[0]
-    return leaf_modules.get(path, ())
-
-
 def load(
     path: str | Path,
     model: nn.Module | None = None,
@@ -125,7 +117,7 @@ def load(
         leaf_modules = leaf_modules or {r.path: r.leaf_modules for r in adapter.regions(model)}
     leaf_modules = leaf_modules or {}
     cfg = QuantConfig.from_dict(meta["config"])
-    regions = [RegionSpec(p, tuple(_declared_leaves(leaf_modules, p))) for p in meta["regions"]]
+    regions = [RegionSpec(p, tuple(declared_leaves(leaf_modules, p))) for p in meta["regions"]]
     qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
                                      input_structures=meta["input_structures"])
     int_weights = set(meta["int_weights"])

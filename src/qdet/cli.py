@@ -103,9 +103,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                         "kernel), or decomposed into x*sigmoid(x), both int8 (what onnxruntime and torch can run "
                         "int8). auto: fused when the runtime fuses it (default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
-    g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, default=32, dest="calib_batch",
-                   help="calibration batch size (default: 32)")
+    g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, dest="calib_batch",
+                   help="calibration batch size (default: the model's, 8 for YOLOv5, else 32)")
 
+
+DEFAULT_CALIB_BATCH = 32
 
 WEIGHTS_HELP = ("float weights file (.pt/.pth/.safetensors), or 'random' for an explicit random initialisation "
                 "(default: the model's bundled weights; see `qdet list`)")
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
     _add_common(e)
     e.add_argument("--qmodel", required=True, help="a .qdet file written by `qdet quantize`")
+    e.add_argument("--bench", action="store_true", help="also time float and int8 (latency columns; default: off)")
     _add_reference(e)
 
     a = sub.add_parser("analyze", help="per-layer error analysis: tables, activation maps, hexbins, HTML report",
@@ -322,6 +325,8 @@ def check_args(adapter: Any, args: argparse.Namespace) -> None:
     from qdet.models.base import Task
 
     check_weights(adapter, getattr(args, "weights", None))
+    if hasattr(args, "calib_batch") and args.calib_batch is None:  # the model's default recipe
+        args.calib_batch = getattr(adapter, "calib_batch_size", DEFAULT_CALIB_BATCH)
     if getattr(args, "eval_images", None) is not None and adapter.task is not Task.CLASSIFICATION:
         raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
     if getattr(args, "with_reference", False) and adapter.task is not Task.CLASSIFICATION:
@@ -339,7 +344,7 @@ def _job_options(args: argparse.Namespace, **extra: Any):
     from qdet.jobs import JobOptions
 
     return JobOptions(
-        calib_images=getattr(args, "calib_images", 512), calib_batch=getattr(args, "calib_batch", 32),
+        calib_images=getattr(args, "calib_images", 512), calib_batch=getattr(args, "calib_batch", None) or DEFAULT_CALIB_BATCH,
         eval_images=args.eval_images, seed=args.seed, runtime=args.runtime, threads=args.threads,
         repeats=args.repeats, data=args.data, progress=not args.no_progress,
         with_reference=getattr(args, "with_reference", False), **extra,
@@ -431,8 +436,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_args(adapter, args)
     model = build_model(adapter, args)
     qm = api.load(args.qmodel, build_model(adapter, args))
-    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
+    stored = dict(qm.metrics)
+    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=args.bench), qmodel=qm)
+    result.notes.append(stored_comparison(stored, result))
     _emit(result, args)
+
+
+def stored_comparison(stored: dict[str, Any], result: Any) -> str:
+    """One line: the int8 number `qdet quantize` stored in the .qdet against the one measured now, when
+    both are for the same runtime, evaluation images and seed (else what differs)."""
+    meta = result.meta
+    label = f"int8 ({meta['runtime']})"
+    key = next(k for k in result.rows[0] if k not in ("model", "runtime"))
+    old = next((r for r in stored.get("rows", []) if r.get("model") == label and key in r), None)
+    same = {k: stored.get(k) for k in ("runtime", "eval_images", "seed")} == {k: meta[k] for k in ("runtime", "eval_images", "seed")}
+    if old is None or not same:
+        return (f"stored in the file: {', '.join(f'{k} {stored.get(k)}' for k in ('runtime', 'eval_images', 'seed'))} "
+                f"(now {meta['runtime']}, {meta['eval_images']} images, seed {meta['seed']}): not the same measurement")
+    now = next(r[key] for r in result.rows if r["model"] == label)
+    verdict = "reproduced" if now == old[key] else f"DIFFERS by {now - old[key]:+.4g}"
+    return f"{label} {key}: {now:.2f} now, {old[key]:.2f} stored by `qdet quantize` (same runtime, images, seed): {verdict}"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -196,6 +196,30 @@ def build_quantized_from_shapes(
     return _assemble(work, regions, cfg, inputs, model_name)
 
 
+def declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
+    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
+    while path not in leaf_modules and path:
+        path = path.rpartition(".")[0]
+    return leaf_modules.get(path, ())
+
+
+def float_twin(
+    qmodel: QuantizedModel,
+    model: nn.Module,
+    leaf_modules: dict[str, tuple[type[nn.Module], ...]] | None = None,
+) -> QuantizedModel:
+    """`model` (the float model) prepared exactly like `qmodel` — same regions, BN folded, same graph —
+    with its own float weights and no calibrated activation quantizer. `lower(twin, rt,
+    quantized=False)` is the float baseline of `model` on a runtime; lowering `qmodel` itself with
+    quantized=False would run `qmodel`'s weights, which after `load()` are the int8 codes.
+
+    `leaf_modules`: region path → module types the tracer kept opaque (an adapter's regions)."""
+    leaves = leaf_modules or {}
+    regions = [RegionSpec(p, tuple(declared_leaves(leaves, p))) for p in qmodel.regions]
+    return build_quantized_from_shapes(model, regions, qmodel.config, qmodel.input_shapes,
+                                       model_name=qmodel.model_name, input_structures=qmodel.input_structures)
+
+
 def _assemble(
     work: nn.Module,
     regions: Sequence[RegionSpec],

@@ -8,7 +8,7 @@ from typing import Any
 
 from qdet import api
 from qdet.config import QuantConfig
-from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, timing_input
+from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, lower_float, timing_input
 
 
 def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
@@ -22,7 +22,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
         model, calib, cfg, adapter=adapter, progress=opts.progress)
     images = timing_input(next(iter(calib)), args.batch_size)
     batch, shape = len(images), tuple(images[0].shape)
-    lowered_f = api.lower(qm, opts.runtime, quantized=False, threads=opts.threads)
+    lowered_f = lower_float(adapter, model, qm, opts.runtime, threads=opts.threads)
     lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [_state_dict_size(model, Path(tmp) / "f.safetensors"),

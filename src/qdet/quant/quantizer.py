@@ -17,6 +17,7 @@ from qdet.config import Format, QuantSpec
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.observers import RangeObserver, make_observer
 from qdet.quant.qparams import compute_qparams, fake_quantize
+from qdet.quant.qparams import quantize as _quantize_codes
 
 
 class Quantizer(nn.Module):
@@ -234,6 +235,18 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_quant(self.weight), grid_bias(self))
+
+
+def weight_codes(weight: torch.Tensor, q: Quantizer) -> torch.Tensor:
+    """The int codes (int32) of `weight` on `q`'s grid: the ONE rounding of weights (float32 w / s,
+    half to even, what `fake_quantize` computes) that `.qdet` files store and every runtime runs.
+
+    >>> from qdet.config import default_weight_spec
+    >>> w = torch.tensor([[0.5, -1.0]]); q = make_weight_quantizer(w, default_weight_spec(), "w")
+    >>> weight_codes(w, q).tolist()
+    [[64, -127]]
+    """
+    return _quantize_codes(weight, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.axis)
 
 
 def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec, name: str) -> Quantizer:

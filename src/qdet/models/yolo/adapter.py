@@ -67,6 +67,8 @@ class YoloAdapter:
     img_size: int = 640
     task: Task = Task.DETECTION
     input_range: tuple[float, float] = (0.0, 1.0)
+    # the main job's recipe (README, benchmarks/yolo_ptq.py, the asset test): batches of 8 letterboxed 640² images
+    calib_batch_size: int = 8
 
     @property
     def size(self) -> str:
@@ -117,13 +119,16 @@ class YoloAdapter:
         """COCO train images through the inference letterbox — never the evaluation images."""
         return LetterboxedCoco(self.labeled_calibration_dataset(data), self.img_size)
 
-    def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True) -> Any:
-        """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions."""
+    def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True,
+                 desc: str | None = None) -> Any:
+        """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions;
+        `desc` labels the progress bar (what runs, e.g. "int8 (openvino)")."""
         from qdet.eval.coco import evaluate_coco
         from qdet.models.yolo.detect import run_yolo_on_coco
 
         dataset = data if data is not None else self.eval_dataset()
-        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
+        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress,
+                                desc=f"{desc or self.name}: COCO inference (images)")
         return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
 
     # ---- frames (qdet.analysis.frames) ----
