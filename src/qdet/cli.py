@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q, model_file=True)
     _add_quant_options(q)
     _add_model_file_options(q)
-    q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet, "
+    q.add_argument("--out", metavar="FILE.qdet", help="the quantized model file to write (default: runs/<model>.qdet, "
                                  "runs/<file>_<function>.qdet with --model-file)")
     q.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     _add_reference(q)
@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(a)
     a.add_argument("--batches", type=POSITIVE, default=2, help="evaluation batches captured for the analysis (default: 2)")
     _add_batch_size(a, 16, "images per analysed batch (default: 16)")
-    a.add_argument("--out", help="report folder (default: runs/<model>/analysis)")
+    a.add_argument("--report-dir", dest="out", metavar="DIR",
+                   help="folder the report is written to: report.html, its plots, frames.gif/.mp4 (created; "
+                        "default: runs/<model>/analysis). analyze saves no model file")
+    a.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # old spelling of --report-dir
     a.add_argument("--sensitivity", choices=["off", "only", "skip"], default="off",
                    help="one-at-a-time ranking: quantize only layer i, or keep only layer i float (default: off)")
     a.add_argument("--metric", choices=["task", "sqnr"], default="task",
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
     x.add_argument("--data", help="calibration data folder (default: the model's bundled set)")
     x.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
-    x.add_argument("--out", help="the integer-parameter JSON file to write (default: runs/<model>_integer.json)")
+    x.add_argument("--out", metavar="FILE.json", help="the integer-parameter file to write, JSON (default: "
+                                                      "runs/<model>_integer.json)")
     x.add_argument("--seed", type=SEED, default=0, help="seed for the calibration subset (default: 0)")
     _add_json_progress(x)
     _add_quant_options(x)
@@ -287,7 +291,7 @@ def _add_qat_parser(sub: Any) -> None:
                    help="freeze activation ranges after N steps (default: 250 classifiers, 100 detectors)")
     g.add_argument("--device", default="cpu", help="fine-tuning device, e.g. cuda (evaluation runs on the CPU; "
                                                    "default: cpu)")
-    t.add_argument("--out", help="where to save the converted model (default: runs/<model>-qat.qdet)")
+    t.add_argument("--out", metavar="FILE.qdet", help="the QAT-converted model file to write (default: runs/<model>-qat.qdet)")
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -482,7 +486,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
     model = build_model(adapter, args)
     opts = _job_options(args, bench=False)
-    qm = api.load(args.qmodel, build_model(adapter, args)) if args.qmodel else api.quantize(
+    qm = _analysis_model(args, adapter, model) if args.qmodel else api.quantize(
         model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
     metric_rows = None
     if not args.no_eval:
@@ -501,11 +505,29 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     images = _frames(args, adapter, qm, out, extra) if args.frames else []
     rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
                   title=f"qdet analysis: {args.model}", overlay=args.overlay, progress=opts.progress)
+    shown = min(10, len(rep.rows))
+    print(f"\nper-layer error, float vs int8 activations (fake-quant reference) on {len(batches)} batch(es) of "
+          f"{args.batch_size} images: the {shown} of {len(rep.rows)} layers with the lowest SQNR (all in the report)")
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
         write_text_atomically(args.json, json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
                                                     indent=2, default=str))
+
+
+def _analysis_model(args: argparse.Namespace, adapter: Any, model: Any) -> Any:
+    """The --qmodel file on the float model's weights (quantizers off = the float model), so analysis
+    compares float with int8 and not the file's int8 weights with activations float; a file made from
+    other float weights (or fine-tuned by QAT) is analysed as loaded, and the output says so."""
+    from qdet import api
+    from qdet.qmodel import with_float_weights
+
+    loaded = api.load(args.qmodel, build_model(adapter, args))
+    try:
+        return with_float_weights(loaded, model, {r.path: r.leaf_modules for r in adapter.regions(model)})
+    except ConfigError as exc:
+        print(f"note: {exc}; analysing the file as loaded: its 'float' views keep the int8 weights (activations float)")
+        return loaded
 
 
 def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: dict[str, Any]) -> list[Path]:
@@ -561,7 +583,9 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
              else "fake-quant reference, analysis batches")
     sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
                              metric_top=args.metric_top or None, progress=not args.no_progress)
-    print(f"sensitivity ({args.sensitivity}), ranked by {name}; float {sens.float_metric}, int8 {sens.int8_metric}")
+    refs = ("" if sens.float_metric is None else
+            f": every layer float (the BN-folded graph) {sens.float_metric:.2f}, every layer int8 {sens.int8_metric:.2f}")
+    print(f"\nsensitivity ({args.sensitivity}), ranked by {name}, measured on {where}{refs}")
     print(sens.table(max(15, args.metric_top or 0)))
     tables[f"Sensitivity ({args.sensitivity}): metric = {name} ({where})"] = sens.as_rows()
     extra: dict[str, Any] = {"sensitivity": {"mode": args.sensitivity, "metric": name, "measured_on": where,
@@ -583,9 +607,10 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
                 "gap_closed_pct": 100 * closed, "budget_met": mp.met}]
     from qdet.report.table import format_table
 
-    print(f"mixed precision (max drop {args.max_drop} pts, target {mp.target:.4f}): "
+    print(f"mixed precision (max drop {args.max_drop} pts, target {mp.target:.2f}): "
           f"{'met' if mp.met else 'NOT met'} with {len(mp.kept_float)} layer(s) float")
     print(format_table(summary))
+    print("layers kept float, their gain and cost:")
     print(format_table(kept))
     skip = to_config(mp, qm.config).skip
     print("run it on a runtime: qdet quantize " + args.model + " --skip " + " ".join(skip))

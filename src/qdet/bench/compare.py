@@ -36,7 +36,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
     eager, same = timed[0], timed[1]
     rows: list[dict[str, Any]] = []
     for t in timed:
-        rows.append({"model": t.name, "size_mb": t.size_mb, "latency_ms": t.latency.median_ms,
+        rows.append({"model": t.name, "size_mb": None if t.size_mb is None else round(t.size_mb, 2), "latency_ms": t.latency.median_ms,
                      "p90_ms": t.latency.p90_ms, "speedup_vs_eager": eager.latency.median_ms / t.latency.median_ms,
                      "speedup_vs_same_runtime_fp32": same.latency.median_ms / t.latency.median_ms
                      if t.runtime == same.runtime else None})
