@@ -125,7 +125,7 @@ def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None
                    "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
     p.add_argument("--runtime", default="auto", help=_runtime_help())
-    p.add_argument("--threads", type=POSITIVE, default=2, help="threads for every timed model (default: 2)")
+    p.add_argument("--threads", type=POSITIVE, default=2, help="torch and runtime threads for calibration, evaluation and timing (default: 2)")
     p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
     _add_json_progress(p)
