@@ -486,8 +486,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
     model = build_model(adapter, args)
     opts = _job_options(args, bench=False)
-    qm = _analysis_model(args, adapter, model) if args.qmodel else api.quantize(
-        model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
+    from qdet.bench.latency import torch_threads
+
+    with torch_threads(opts.threads):  # calibrated like `qdet quantize` (thread count changes float sums)
+        qm = _analysis_model(args, adapter, model) if args.qmodel else api.quantize(
+            model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
     metric_rows = None
     if not args.no_eval:
         result, _ = compare_job(adapter, model, qm.config, opts, qmodel=qm)

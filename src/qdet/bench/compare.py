@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qdet import api
+from qdet.bench.latency import torch_threads
 from qdet.config import QuantConfig
 from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, lower_float, timing_input
 
@@ -18,8 +19,9 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig) -> JobResult:
                       runtime=args.runtime, threads=args.threads, repeats=args.repeats, data=args.data,
                       progress=not args.no_progress)
     calib = calibration_loader(adapter, opts)
-    qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
-        model, calib, cfg, adapter=adapter, progress=opts.progress)
+    with torch_threads(opts.threads):  # calibrated like `qdet quantize`
+        qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
+            model, calib, cfg, adapter=adapter, progress=opts.progress)
     images = timing_input(next(iter(calib)), args.batch_size)
     batch, shape = len(images), tuple(images[0].shape)
     lowered_f = lower_float(adapter, model, qm, opts.runtime, threads=opts.threads)
