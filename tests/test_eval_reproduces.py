@@ -117,3 +117,28 @@ def test_eval_qmodel_reproduces_quantize(tmp_path, capsys):
     for label in ("float (PyTorch eager)", f"float ({rt})"):
         assert e_rows[label]["top1"] == q_rows[label]["top1"], label
     assert "reproduced" in printed and "latency_ms" not in printed  # untimed: no empty latency columns
+
+
+def test_analysis_of_a_loaded_file_runs_on_the_float_weights(tmp_path):
+    """analyze --qmodel: quantizers off must give the float model — with --qmodel the sensitivity's
+    "float" used to be the file's int8 weights with quantizers off, a second float number beside the
+    table's (issue 21); int8 stays the file's model; other float weights are refused."""
+    from qdet.errors import ConfigError
+    from qdet.qmodel import with_float_weights
+    from qdet.quant.calibrate import quantization_disabled
+
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()  # noqa: E731
+    net = make()
+    for p in net.parameters():
+        p.data.normal_()
+    qm = api.quantize(net, [torch.randn(4, 3, 8, 8) for _ in range(2)], progress=False)
+    loaded = api.load(api.save(qm, tmp_path / "m.qdet"), make())
+    analysed = with_float_weights(loaded, net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(analysed(x), loaded(x))  # the same int8 model
+        with quantization_disabled(analysed):
+            torch.testing.assert_close(analysed(x), net(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="not made from these float weights"):
+        with_float_weights(loaded, make())
