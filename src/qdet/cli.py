@@ -104,7 +104,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                         "int8). auto: fused when the runtime fuses it (default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
     g.add_argument("--calib-batch-size", "--calib-batch", type=POSITIVE, dest="calib_batch",
-                   help="calibration batch size (default: the model's, 8 for YOLOv5, else 32)")
+                   help="calibration batch size (default: 32)")
 
 
 DEFAULT_CALIB_BATCH = 32

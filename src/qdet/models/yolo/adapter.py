@@ -67,8 +67,6 @@ class YoloAdapter:
     img_size: int = 640
     task: Task = Task.DETECTION
     input_range: tuple[float, float] = (0.0, 1.0)
-    # the main job's recipe (README, benchmarks/yolo_ptq.py, the asset test): batches of 8 letterboxed 640² images
-    calib_batch_size: int = 8
 
     @property
     def size(self) -> str:
