@@ -32,8 +32,8 @@ def _near_ties(scale: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_the_onnx_exporter_stores_the_artefact_codes():
-    """The exporter's QuantizeLinear folding gives exactly `weight_codes` (float32 x / s), also on
-    values that sit on a rounding tie, where dividing in float64 picks the other code."""
+    """The exporter's QuantizeLinear folding gives exactly `weight_codes` (float64 x / s), also on
+    values that sit on a rounding tie, where dividing in float32 picks the other code."""
     from qdet.runtimes.onnx_export import _quantize_np
 
     scale = torch.rand(16, generator=torch.Generator().manual_seed(1)) * 0.01 + 1e-4
@@ -44,8 +44,8 @@ def test_the_onnx_exporter_stores_the_artefact_codes():
     ours = weight_codes(w, q).numpy()
     onnx = _quantize_np(w.numpy(), scale.numpy(), np.zeros(16, np.int8), 0, np.int8)
     assert np.array_equal(ours, onnx.astype(np.int32))
-    in64 = np.rint(w.numpy().astype(np.float64) / scale.numpy().astype(np.float64)[:, None])
-    assert (in64 != ours).any(), "the test values must include ties that float64 rounds differently"
+    in32 = torch.round(w / scale[:, None]).numpy()
+    assert (in32 != ours).any(), "the test values must include ties that float32 rounds differently"
 
 
 def test_a_loaded_model_runs_exactly_what_quantize_ran(tmp_path):

@@ -281,7 +281,7 @@ class IntegerRegion(nn.Module):
             raise ConfigError(f"layer {name!r}: the integer runtime needs symmetric weights (zero point 0), "
                               f"per tensor or per output channel; got axis={wq.spec.axis}")
         w_scale = wq.scale.detach().to(torch.float64).reshape(-1)
-        # the one rounding of weights (float32 w / s, as the simulation, .qdet files and exporters do)
+        # the one rounding of weights (float64 w / s, as the simulation, .qdet files and exporters do)
         w_codes = weight_codes(mod.weight.detach().float(), wq).to(torch.float64)
         acc_scale = (xg.scale * w_scale).reshape(-1)
         if acc_scale.numel() == 1:

@@ -150,7 +150,7 @@ def _quantized_weight(mod: QuantConv2d | QuantLinear) -> torch.Tensor:
     wq = mod.weight_quant
     assert isinstance(wq, Quantizer)
     # snapped onto the grid first, so torch's own rounding (x * 1/s) cannot pick another code than
-    # qdet's (float32 x / s): every runtime runs the codes the `.qdet` file stores
+    # qdet's (float64 x / s): every runtime runs the codes the `.qdet` file stores
     w = dequantize(weight_codes(mod.weight.detach().float(), wq), wq.scale, wq.zero_point, wq.spec.axis)
     if wq.spec.axis is None:
         return torch.quantize_per_tensor(w, float(wq.scale), 0, torch.qint8)
