@@ -244,8 +244,7 @@ class QuantLinear(nn.Linear):
 def weight_codes(weight: torch.Tensor, q: Quantizer) -> torch.Tensor:
     """The int codes (int32) of `weight` on `q`'s grid: the ONE rounding of weights (w / s computed in
     float64, half to even) that `.qdet` files store, the simulation applies and every runtime runs.
-    float64 decides ties exactly: YOLOv5's fp16-origin weights put many w / s within a float32 ulp
-    of .5, and rounding those in float32 cost 0.5 mAP points on OpenVINO.
+    float64 decides ties exactly, as the ONNX exporter and the integer runtime always did.
 
     >>> from qdet.config import default_weight_spec
     >>> w = torch.tensor([[0.5, -1.0]]); q = make_weight_quantizer(w, default_weight_spec(), "w")
