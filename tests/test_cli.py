@@ -155,3 +155,72 @@ def test_list_marks_bundled_weights_and_writes_json(tmp_path, capsys):
     assert "bundled weights" in capsys.readouterr().out
     data = json.loads(js.read_text())
     assert {m["model"]: m["bundled_weights"] for m in data["models"]}["resnet50"] is False
+
+
+def test_out_is_always_the_file_the_verb_writes():
+    """--out: the .qdet of quantize/qat, the JSON of export-int; analyze writes a folder: --report-dir
+    (its old spelling --out still works, hidden)."""
+    import argparse
+
+    _, verbs = _subparsers()
+    for name, ext in (("quantize", ".qdet"), ("qat", ".qdet"), ("export-int", ".json")):
+        assert verbs[name]._option_string_actions["--out"].metavar == f"FILE{ext}", name
+    a = verbs["analyze"]._option_string_actions
+    assert a["--report-dir"].dest == a["--out"].dest == "out" and a["--out"].help == argparse.SUPPRESS
+    assert "folder" in a["--report-dir"].help
+    for name in ("eval", "bench", "list"):
+        assert "--out" not in verbs[name]._option_string_actions, name
+
+
+def test_tables_state_units_and_print_them_with_two_decimals():
+    from qdet.report.table import format_table
+
+    rows = [{"model": "float", "size_mb": 1.0132, "latency_ms": 0.51234, "map50_95_pts": 30.1234,
+             "d_map50_95_pts": -0.2134, "speedup_vs_eager": 0.3755, "fraction": 0.30121}]
+    line = format_table(rows).splitlines()[2]
+    assert line.split() == ["float", "1.01", "0.51", "30.12", "-0.21", "0.38", "0.3012"]
+
+
+def test_detection_metrics_are_in_points():
+    from types import SimpleNamespace
+
+    from qdet.jobs import headline_metrics
+
+    assert headline_metrics(SimpleNamespace(map=0.3012, map50=0.475)) == pytest.approx(
+        {"map50_95_pts": 30.12, "map50_pts": 47.5})
+    kitti = SimpleNamespace(moderate_map=lambda: 0.5, seed_accuracy=0.25)
+    assert headline_metrics(kitti) == pytest.approx({"ap_r40_moderate_pts": 50.0, "seed_accuracy_pct": 25.0})
+
+
+def test_eval_progress_bar_names_what_runs(capsys):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from qdet import api
+    from qdet.models.base import Task
+
+    adapter = type("A", (), {"task": Task.CLASSIFICATION, "name": "toy"})()
+    data = TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    api.evaluate(torch.nn.Linear(4, 3), adapter, data, desc="int8 (openvino)")
+    assert "int8 (openvino): top-1, 8 images" in capsys.readouterr().err
+
+
+def test_eval_times_only_when_asked():
+    from qdet.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "resnet20", "--qmodel", "m.qdet"]).bench is False
+    assert build_parser().parse_args(["eval", "resnet20", "--qmodel", "m.qdet", "--bench"]).bench is True
+
+
+def test_calibration_batch_default_is_the_models_recipe():
+    from qdet import api
+    from qdet.cli import build_parser, check_args
+
+    for model, batch in (("yolov5n", 32), ("resnet20", 32)):
+        args = build_parser().parse_args(["quantize", model, "--weights", "random"])
+        assert args.calib_batch is None
+        check_args(api.get_adapter(model), args)
+        assert args.calib_batch == batch, model
+    args = build_parser().parse_args(["quantize", "yolov5n", "--calib-batch-size", "4", "--weights", "random"])
+    check_args(api.get_adapter("yolov5n"), args)
+    assert args.calib_batch == 4

@@ -355,9 +355,9 @@ def test_cli_quantize_on_kitti_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"float (PyTorch eager)", "float (onnxruntime)", "int8 (onnxruntime)"}
     for r in rows.values():  # random-ish detections on KITTI: the plumbing, not the numbers
-        assert 0.0 <= r["seed_accuracy"] <= 1.0 and r["latency_ms"] > 0
+        assert 0.0 <= r["seed_accuracy_pct"] <= 100.0 and r["latency_ms"] > 0
     assert rows["int8 (onnxruntime)"]["size_mb"] < 0.4 * rows["float (onnxruntime)"]["size_mb"]
-    assert out.is_file() and "ap_r40_moderate" in printed.out
+    assert out.is_file() and "ap_r40_moderate_pts" in printed.out
 
 
 def test_data_kinds_name_the_folder_format(tmp_path):

@@ -153,7 +153,7 @@ def test_qat_cli_on_a_tiny_random_yolo_end_to_end(tmp_path):
     result = json.loads(js.read_text())
     meta, rows = result["meta"], result["rows"]
     assert [r["model"] for r in rows] == ["float", f"PTQ ({runtime})", f"QAT 2 steps ({runtime})"]
-    assert all(math.isfinite(r["map"]) and math.isfinite(r["map50"]) for r in rows)
+    assert all(math.isfinite(r["map50_95_pts"]) and math.isfinite(r["map50_pts"]) for r in rows)
     assert meta["train_images"] == 4 and meta["calibration_images"] == 4 and meta["eval_images"] == 3
     assert meta["img_size"] == 64 and meta["events"] == [[1, "bn"], [2, "observers"]] and meta["lr"] == 1e-5
     adapter = qdet.get_adapter("yolov5n")

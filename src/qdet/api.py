@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,8 +170,11 @@ def lower(qmodel: QuantizedModel, runtime: str = "onnxruntime", *, quantized: bo
     return get_runtime(runtime, threads=threads).lower(qmodel, quantized=quantized)
 
 
-def evaluate(model: nn.Module | Callable[..., Any], adapter: Any, data: Any = None, *, progress: bool = True, batch_size: int = 256) -> Any:
+def evaluate(model: nn.Module | Callable[..., Any], adapter: Any, data: Any = None, *, progress: bool = True,
+             batch_size: int = 256, desc: str | None = None) -> Any:
     """Evaluate any runnable (float model, QuantizedModel, lowered runtime model) with the adapter's metric.
+
+    `desc` names what runs on the progress bar (e.g. "int8 (openvino)"); the bar adds what is counted.
 
     Classification: top-1/top-5 over `data` (a Dataset; default the adapter's evaluation set).
     """
@@ -179,10 +183,13 @@ def evaluate(model: nn.Module | Callable[..., Any], adapter: Any, data: Any = No
         from qdet.eval.classification import evaluate_topk
 
         dataset = data if data is not None else adapter.eval_dataset()
-        return evaluate_topk(model, make_loader(dataset, batch_size), progress=progress)
+        return evaluate_topk(model, make_loader(dataset, batch_size), progress=progress,
+                             desc=f"{desc or adapter.name}: top-1, {len(dataset)} images")
     evaluate_detection = getattr(adapter, "evaluate", None)
     if evaluate_detection is None:
         raise ConfigError(f"model {adapter.name!r} has no evaluation defined")
+    if desc is not None and "desc" in inspect.signature(evaluate_detection).parameters:
+        return evaluate_detection(model, data, progress=progress, desc=desc)
     return evaluate_detection(model, data, progress=progress)
 
 

@@ -40,11 +40,10 @@ from torch import nn
 from qdet.config import Format, LayerOverride, Observer, PerChannel, PerTensor, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import QdetError, WeightsError
 from qdet.fileio import write_atomically
-from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes
+from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes, declared_leaves
 from qdet.quant.calibrate import quantizers
 from qdet.quant.qparams import dequantize
-from qdet.quant.qparams import quantize as quantize_codes
-from qdet.quant.quantizer import Quantizer
+from qdet.quant.quantizer import Quantizer, weight_codes
 
 SCHEMA_VERSION = 2
 FORMAT = f"qdet/{SCHEMA_VERSION}"
@@ -87,7 +86,7 @@ def save(qm: QuantizedModel, path: str | Path) -> Path:
     for name, tensor in state.items():
         if name in int_weights:
             q = int_weights[name]
-            codes = quantize_codes(tensor, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.axis)
+            codes = weight_codes(tensor, q)
             tensors[name] = codes.to(torch.int8 if q.spec.signed else torch.uint8)
         else:
             tensors[name] = tensor.detach().contiguous().clone()
@@ -354,13 +353,6 @@ def _check_tensors(path: Path, qm: QuantizedModel, meta: Mapping[str, Any], tens
             raise _bad(path, f"{_layer(name)} contains NaN or Inf")
 
 
-def _declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
-    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
-    while path not in leaf_modules and path:
-        path = path.rpartition(".")[0]
-    return leaf_modules.get(path, ())
-
-
 def load(
     path: str | Path,
     model: nn.Module | None = None,
@@ -390,7 +382,7 @@ def load(
             model.get_submodule(region)
         except AttributeError:
             raise _bad(path, f"field 'regions': {region!r} is not a submodule of {type(model).__name__}") from None
-    regions = [RegionSpec(p, tuple(_declared_leaves(leaf_modules, p))) for p in meta["regions"]]
+    regions = [RegionSpec(p, tuple(declared_leaves(leaf_modules, p))) for p in meta["regions"]]
     try:
         qm = build_quantized_from_shapes(model, regions, cfg, meta["input_shapes"], model_name=meta["model_name"],
                                          input_structures=meta["input_structures"])

@@ -112,9 +112,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                         "output both int8 (what onnxruntime runs int8). auto: fused when the runtime fuses them "
                         "(default: auto)")
     g.add_argument("--calib-images", type=POSITIVE, default=512, help="calibration images, a seeded subset (default: 512)")
-    g.add_argument("--calib-batch-size", "--calib-batch", type=BATCH, default=32, dest="calib_batch",
+    g.add_argument("--calib-batch-size", "--calib-batch", type=BATCH, dest="calib_batch",
                    help="calibration batch size (default: 32)")
 
+
+DEFAULT_CALIB_BATCH = 32
 
 WEIGHTS_HELP = ("float weights file (.pt/.pth/.safetensors), or 'random' for an explicit random initialisation "
                 "(default: the model's bundled weights; see `qdet list`)")
@@ -133,7 +135,8 @@ def _add_common(p: argparse.ArgumentParser, *, model_file: bool = False) -> None
                    "model's default (e.g. a KITTI-trained detector)")
     p.add_argument("--eval-images", type=POSITIVE, help="evaluate on a seeded subset of N images (default: all)")
     p.add_argument("--runtime", default="auto", help=_runtime_help())
-    p.add_argument("--threads", type=THREADS, default=2, help="threads for every timed model (default: 2)")
+    p.add_argument("--threads", type=THREADS, default=2,
+                   help="torch and runtime threads for calibration, evaluation and timing (default: 2)")
     p.add_argument("--repeats", type=POSITIVE, default=20, help="timed repeats after warm-up (default: 20)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for calibration/evaluation subsets, 0..2**32-1 (default: 0)")
     _add_json_progress(p)
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q, model_file=True)
     _add_quant_options(q)
     _add_model_file_options(q)
-    q.add_argument("--out", help="where to save the quantized model (default: runs/<model>.qdet, "
+    q.add_argument("--out", metavar="FILE.qdet", help="the quantized model file to write (default: runs/<model>.qdet, "
                                  "runs/<file>_<function>.qdet with --model-file)")
     q.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     q.add_argument("--scope", choices=["detector", "backbone"], default=None,
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
     _add_common(e)
     e.add_argument("--qmodel", required=True, help="a .qdet file written by `qdet quantize`")
+    e.add_argument("--bench", action="store_true", help="also time float and int8 (latency columns; default: off)")
     _add_reference(e)
 
     a = sub.add_parser("analyze", help="per-layer error analysis: tables, activation maps, hexbins, HTML report",
@@ -197,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(a)
     a.add_argument("--batches", type=POSITIVE, default=2, help="evaluation batches captured for the analysis (default: 2)")
     _add_batch_size(a, 16, "images per analysed batch (default: 16)")
-    a.add_argument("--out", help="report folder (default: runs/<model>/analysis)")
+    a.add_argument("--report-dir", dest="out", metavar="DIR",
+                   help="folder the report is written to: report.html, its plots, frames.gif/.mp4 (created; "
+                        "default: runs/<model>/analysis). analyze saves no model file")
+    a.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # old spelling of --report-dir
     a.add_argument("--sensitivity", choices=["off", "only", "skip"], default="off",
                    help="one-at-a-time ranking: quantize only layer i, or keep only layer i float (default: off)")
     a.add_argument("--metric", choices=["task", "sqnr"], default="task",
@@ -246,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(x)
     x.add_argument("--data", help="calibration data folder (default: the model's bundled set)")
     x.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
-    x.add_argument("--out", help="the integer-parameter JSON file to write (default: runs/<model>_integer.json)")
+    x.add_argument("--out", metavar="FILE.json", help="the integer-parameter file to write, JSON (default: "
+                                                      "runs/<model>_integer.json)")
     x.add_argument("--seed", type=SEED, default=0, help="seed for the calibration subset (default: 0)")
     _add_json_progress(x)
     _add_quant_options(x)
@@ -309,7 +317,7 @@ def _add_qat_parser(sub: Any) -> None:
                    help="freeze activation ranges after N steps (default: 250 classifiers, 100 detectors)")
     g.add_argument("--device", default="cpu", help="fine-tuning device, e.g. cuda (evaluation runs on the CPU; "
                                                    "default: cpu)")
-    t.add_argument("--out", help="where to save the converted model (default: runs/<model>-qat.qdet)")
+    t.add_argument("--out", metavar="FILE.qdet", help="the QAT-converted model file to write (default: runs/<model>-qat.qdet)")
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -350,6 +358,8 @@ def check_args(adapter: Any, args: argparse.Namespace) -> None:
     from qdet.models.base import Task
 
     check_weights(adapter, getattr(args, "weights", None))
+    if hasattr(args, "calib_batch") and args.calib_batch is None:  # the model's default recipe
+        args.calib_batch = getattr(adapter, "calib_batch_size", DEFAULT_CALIB_BATCH)
     if getattr(args, "eval_images", None) is not None and adapter.task is not Task.CLASSIFICATION:
         raise ConfigError("--eval-images is supported for classifiers only; detectors evaluate the whole set")
     if getattr(args, "with_reference", False) and adapter.task is not Task.CLASSIFICATION:
@@ -390,7 +400,7 @@ def _job_options(args: argparse.Namespace, **extra: Any):
     from qdet.jobs import JobOptions
 
     return JobOptions(
-        calib_images=getattr(args, "calib_images", 512), calib_batch=getattr(args, "calib_batch", 32),
+        calib_images=getattr(args, "calib_images", 512), calib_batch=getattr(args, "calib_batch", None) or DEFAULT_CALIB_BATCH,
         eval_images=args.eval_images, seed=args.seed, runtime=args.runtime, threads=args.threads,
         repeats=args.repeats, data=args.data, progress=not args.no_progress,
         with_reference=getattr(args, "with_reference", False), **extra,
@@ -480,8 +490,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     adapter = resolve_adapter(args)
     model = build_model(adapter, args)
     qm = api.load(args.qmodel, build_model(adapter, args))
-    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=False), qmodel=qm)
+    stored = dict(qm.metrics)
+    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=args.bench), qmodel=qm)
+    result.notes.append(stored_comparison(stored, result))
     _emit(result, args)
+
+
+def stored_comparison(stored: dict[str, Any], result: Any) -> str:
+    """One line: the int8 number `qdet quantize` stored in the .qdet against the one measured now, when
+    both are for the same runtime, evaluation images and seed (else what differs)."""
+    meta = result.meta
+    label = f"int8 ({meta['runtime']})"
+    key = next(k for k in result.rows[0] if k not in ("model", "runtime"))
+    old = next((r for r in stored.get("rows", []) if r.get("model") == label and key in r), None)
+    same = {k: stored.get(k) for k in ("runtime", "eval_images", "seed")} == {k: meta[k] for k in ("runtime", "eval_images", "seed")}
+    if old is None or not same:
+        return (f"stored in the file: {', '.join(f'{k} {stored.get(k)}' for k in ('runtime', 'eval_images', 'seed'))} "
+                f"(now {meta['runtime']}, {meta['eval_images']} images, seed {meta['seed']}): not the same measurement")
+    now = next(r[key] for r in result.rows if r["model"] == label)
+    verdict = "reproduced" if now == old[key] else f"DIFFERS by {now - old[key]:+.4g}"
+    return f"{label} {key}: {now:.2f} now, {old[key]:.2f} stored by `qdet quantize` (same runtime, images, seed): {verdict}"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -505,8 +533,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         get_runtime(args.search_runtime)  # an unknown name fails now, not after calibration
     model = build_model(adapter, args)
     opts = _job_options(args, bench=False)
-    qm = api.load(args.qmodel, build_model(adapter, args)) if args.qmodel else api.quantize(
-        model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
+    from qdet.bench.latency import torch_threads
+
+    with torch_threads(opts.threads):  # calibrated like `qdet quantize` (thread count changes float sums)
+        qm = _analysis_model(args, adapter, model) if args.qmodel else api.quantize(
+            model, calibration_loader(adapter, opts), config_from_args(args), adapter=adapter, progress=opts.progress)
     metric_rows = None
     if not args.no_eval:
         result, _ = compare_job(adapter, model, qm.config, opts, qmodel=qm)
@@ -524,11 +555,29 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     images = _frames(args, adapter, qm, out, extra) if args.frames else []
     rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
                   title=f"qdet analysis: {args.model}", overlay=args.overlay, progress=opts.progress)
+    shown = min(10, len(rep.rows))
+    print(f"\nper-layer error, float vs int8 activations (fake-quant reference) on {len(batches)} batch(es) of "
+          f"{args.batch_size} images: the {shown} of {len(rep.rows)} layers with the lowest SQNR (all in the report)")
     print(rep.table(10))
     print(f"report: {rep.html.resolve()}")
     if args.json:
         write_text_atomically(args.json, json.dumps({"layers": list(rep.rows), "metrics": metric_rows, **extra},
                                                     indent=2, default=str))
+
+
+def _analysis_model(args: argparse.Namespace, adapter: Any, model: Any) -> Any:
+    """The --qmodel file on the float model's weights (quantizers off = the float model), so analysis
+    compares float with int8 and not the file's int8 weights with activations float; a file made from
+    other float weights (or fine-tuned by QAT) is analysed as loaded, and the output says so."""
+    from qdet import api
+    from qdet.qmodel import with_float_weights
+
+    loaded = api.load(args.qmodel, build_model(adapter, args))
+    try:
+        return with_float_weights(loaded, model, {r.path: r.leaf_modules for r in adapter.regions(model)})
+    except ConfigError as exc:
+        print(f"note: {exc}; analysing the file as loaded: its 'float' views keep the int8 weights (activations float)")
+        return loaded
 
 
 def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: dict[str, Any]) -> list[Path]:
@@ -584,7 +633,9 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
              else "fake-quant reference, analysis batches")
     sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
                              metric_top=args.metric_top or None, progress=not args.no_progress)
-    print(f"sensitivity ({args.sensitivity}), ranked by {name}; float {sens.float_metric}, int8 {sens.int8_metric}")
+    refs = ("" if sens.float_metric is None else
+            f": every layer float (the BN-folded graph) {sens.float_metric:.2f}, every layer int8 {sens.int8_metric:.2f}")
+    print(f"\nsensitivity ({args.sensitivity}), ranked by {name}, measured on {where}{refs}")
     print(sens.table(max(15, args.metric_top or 0)))
     tables[f"Sensitivity ({args.sensitivity}): metric = {name} ({where})"] = sens.as_rows()
     extra: dict[str, Any] = {"sensitivity": {"mode": args.sensitivity, "metric": name, "measured_on": where,
@@ -606,9 +657,10 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
                 "gap_closed_pct": 100 * closed, "budget_met": mp.met}]
     from qdet.report.table import format_table
 
-    print(f"mixed precision (max drop {args.max_drop} pts, target {mp.target:.4f}): "
+    print(f"mixed precision (max drop {args.max_drop} pts, target {mp.target:.2f}): "
           f"{'met' if mp.met else 'NOT met'} with {len(mp.kept_float)} layer(s) float")
     print(format_table(summary))
+    print("layers kept float, their gain and cost:")
     print(format_table(kept))
     skip = to_config(mp, qm.config).skip
     print("run it on a runtime: qdet quantize " + args.model + " --skip " + " ".join(skip))
@@ -702,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `qdet list | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug, not a user mistake
         if getattr(args, "debug", False):
             import traceback

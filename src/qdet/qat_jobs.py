@@ -182,7 +182,7 @@ def detection_qat_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, op
              f"{qopts.steps} steps of {qopts.batch_size} at {adapter.img_size}, Adam lr {qopts.lr}, BN frozen after "
              f"{schedule.freeze_bn_after}, observers after {schedule.freeze_observers_after}, {train_s:.0f} s "
              f"on {qopts.device}")
-    return JobResult(title, rows, ["model", "map", "map50", "d_map", "recovered_pct"], meta), qmodel
+    return JobResult(title, rows, ["model", "map50_95_pts", "map50_pts", "d_map50_95_pts", "recovered_pct"], meta), qmodel
 
 
 def _float_ptq_qat_rows(adapter: Any, model: nn.Module, ptq: QuantizedModel, qat: QuantizedModel, eval_set: Any,
@@ -195,7 +195,7 @@ def _float_ptq_qat_rows(adapter: Any, model: nn.Module, ptq: QuantizedModel, qat
     for label, rt, fn in (("float", "torch", model),
                           (f"PTQ ({runtime})", runtime, api.lower(ptq, runtime, threads=opts.threads)),
                           (f"QAT {steps} steps ({runtime})", runtime, api.lower(qat, runtime, threads=opts.threads))):
-        res = api.evaluate(fn, adapter, eval_set, progress=opts.progress)
+        res = api.evaluate(fn, adapter, eval_set, progress=opts.progress, desc=label)
         rows.append({"model": label, "runtime": rt, **headline_metrics(res)})
     key = next(k for k in rows[0] if k not in ("model", "runtime"))
     for r in rows:

@@ -196,6 +196,67 @@ def build_quantized_from_shapes(
     return _assemble(work, regions, cfg, inputs, model_name)
 
 
+def declared_leaves(leaf_modules: dict[str, tuple[type[nn.Module], ...]], path: str) -> tuple[type[nn.Module], ...]:
+    """Leaf types declared for `path` or, for a piece split off an untraceable region, its nearest ancestor."""
+    while path not in leaf_modules and path:
+        path = path.rpartition(".")[0]
+    return leaf_modules.get(path, ())
+
+
+def float_twin(
+    qmodel: QuantizedModel,
+    model: nn.Module,
+    leaf_modules: dict[str, tuple[type[nn.Module], ...]] | None = None,
+) -> QuantizedModel:
+    """`model` (the float model) prepared exactly like `qmodel` — same regions, BN folded, same graph —
+    with its own float weights and no calibrated activation quantizer. `lower(twin, rt,
+    quantized=False)` is the float baseline of `model` on a runtime; lowering `qmodel` itself with
+    quantized=False would run `qmodel`'s weights, which after `load()` are the int8 codes.
+
+    `leaf_modules`: region path → module types the tracer kept opaque (an adapter's regions)."""
+    leaves = leaf_modules or {}
+    regions = [RegionSpec(p, tuple(declared_leaves(leaves, p))) for p in qmodel.regions]
+    return build_quantized_from_shapes(model, regions, qmodel.config, qmodel.input_shapes,
+                                       model_name=qmodel.model_name, input_structures=qmodel.input_structures)
+
+
+def with_float_weights(
+    qmodel: QuantizedModel,
+    model: nn.Module,
+    leaf_modules: dict[str, tuple[type[nn.Module], ...]] | None = None,
+) -> QuantizedModel:
+    """`qmodel` (e.g. loaded from a `.qdet`, whose weights ARE the int8 codes) rebuilt on `model`'s
+    float weights with `qmodel`'s scales and zero points: the int8 model is unchanged (the codes are
+    recomputed from the float weights with the same scales, by the same rounding), and switching
+    quantizers off now gives the float model — what analysis needs (paired float vs int8 capture,
+    "keep layer i float" in sensitivity sweeps, the float reference of a mixed-precision search)."""
+    from qdet.quant.calibrate import quantizers
+
+    twin = float_twin(qmodel, model, leaf_modules)
+    ours = dict(quantizers(qmodel.model))
+    theirs = dict(quantizers(twin.model))
+    if set(ours) != set(theirs):
+        raise ConfigError(f"{qmodel.model_name or type(model).__name__}: the float model does not prepare into "
+                          f"the quantized model's layers ({len(theirs)} vs {len(ours)} quantizers)")
+    for name, q in theirs.items():
+        src = ours[name]
+        if src.calibrated:
+            q.set_qparams(src.scale, src.zero_point)
+        q.observer, q.observing, q.calibrated = None, False, src.calibrated
+    from qdet.quant.quantizer import QuantConv2d, QuantLinear, weight_codes
+
+    loaded = dict(qmodel.model.named_modules())
+    for name, mod in twin.model.named_modules():
+        wq = getattr(mod, "weight_quant", None)
+        if isinstance(mod, (QuantConv2d, QuantLinear)) and getattr(wq, "calibrated", False) and wq.spec.bits <= 8:
+            if not torch.equal(weight_codes(mod.weight.detach(), wq), weight_codes(loaded[name].weight.detach(), wq)):
+                raise ConfigError(f"layer {name!r}: the quantized model was not made from these float weights "
+                                  f"(its int8 codes differ); pass the --weights it was quantized from")
+    twin.metrics = dict(qmodel.metrics)
+    twin.calibration_batches = qmodel.calibration_batches
+    return twin
+
+
 def _assemble(
     work: nn.Module,
     regions: Sequence[RegionSpec],

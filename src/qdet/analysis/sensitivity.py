@@ -85,8 +85,8 @@ class SensitivityResult:
         return [r.as_dict() for r in self.rows]
 
     def table(self, top: int | None = None) -> str:
-        rows = self.as_rows()[:top] if top else self.as_rows()
-        return format_table(rows, ["rank", "name", "kind", "metric", "delta", "output_sqnr_db"])
+        rows = [{**r, "delta_pts": r["delta"]} for r in (self.as_rows()[:top] if top else self.as_rows())]
+        return format_table(rows, ["rank", "name", "kind", "metric", "delta_pts", "output_sqnr_db"])
 
 
 class _OutputSqnr:

@@ -7,8 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from qdet import api
+from qdet.bench.latency import torch_threads
 from qdet.config import QuantConfig
-from qdet.jobs import JobOptions, JobResult, _saved_size, _state_dict_size, build_model, calibration_loader, timing_input
+from qdet.jobs import (
+    JobOptions,
+    JobResult,
+    _saved_size,
+    _state_dict_size,
+    build_model,
+    calibration_loader,
+    lower_float,
+    timing_input,
+)
 from qdet.runtimes.executed import runtime_coverage
 
 
@@ -19,11 +29,12 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: Any = None
                       runtime=args.runtime, threads=args.threads, repeats=args.repeats, data=args.data,
                       progress=not args.no_progress)
     calib = calibration_loader(adapter, opts)
-    qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
-        model, calib, cfg, adapter=adapter, progress=opts.progress)
+    with torch_threads(opts.threads):  # calibrated like `qdet quantize`
+        qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
+            model, calib, cfg, adapter=adapter, progress=opts.progress)
     images = timing_input(next(iter(calib)), args.batch_size)
     batch, shape = len(images), tuple(images[0].shape)
-    lowered_f = api.lower(qm, opts.runtime, quantized=False, threads=opts.threads)
+    lowered_f = lower_float(adapter, model, qm, opts.runtime, threads=opts.threads)
     lowered_q = api.lower(qm, opts.runtime, threads=opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [_state_dict_size(model, Path(tmp) / "f.safetensors"),
@@ -37,7 +48,7 @@ def bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: Any = None
     eager, same = timed[0], timed[1]
     rows: list[dict[str, Any]] = []
     for t in timed:
-        rows.append({"model": t.name, "size_mb": t.size_mb, "latency_ms": t.latency.median_ms,
+        rows.append({"model": t.name, "size_mb": None if t.size_mb is None else round(t.size_mb, 2), "latency_ms": t.latency.median_ms,
                      "p90_ms": t.latency.p90_ms, "speedup_vs_eager": eager.latency.median_ms / t.latency.median_ms,
                      "speedup_vs_same_runtime_fp32": same.latency.median_ms / t.latency.median_ms
                      if t.runtime == same.runtime else None})

@@ -251,7 +251,7 @@ class FasterRCNNAdapter:
         return list(items)
 
     def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True,
-                 class_names: Mapping[int, str] | None = None) -> Any:
+                 class_names: Mapping[int, str] | None = None, desc: str | None = None) -> Any:
         """COCO mAP on a CocoDetection (91-class torchvision labels are COCO category ids), or KITTI 2D AP
         + the seed's accuracy/precision/mIoU on a KittiDataset (whole split).
 
@@ -268,7 +268,7 @@ class FasterRCNNAdapter:
 
             if class_names is None:
                 class_names = COCO_TO_KITTI if n_classes == 91 else {i + 1: c for i, c in enumerate(KITTI_CLASSES)}
-            outputs = predict(model, data, progress=progress)
+            outputs = predict(model, data, progress=progress, desc=f"{desc or self.name}: KITTI inference (images)")
             dets = [detections_from_outputs(out, class_names) for out in outputs]
             return evaluate_kitti([data.labels(i) for i in range(len(data))], dets)
         if isinstance(data, CocoDetection):
@@ -277,7 +277,8 @@ class FasterRCNNAdapter:
             if n_classes != 91:
                 raise ConfigError(f"{self.name}: COCO evaluation needs the 91-class COCO label space, the model has "
                                   f"{n_classes} classes; evaluate it on its own data (e.g. a KittiDataset)")
-            outputs = predict(model, _Images(data), progress=progress)
+            outputs = predict(model, _Images(data), progress=progress,
+                              desc=f"{desc or self.name}: COCO inference (images)")
             dets = [{"image_id": int(image_id), "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                      "score": float(sc)}
                     for image_id, out in zip(data.image_ids, outputs)
@@ -351,13 +352,14 @@ def _num_classes(model: Any, default: int) -> int:
     return default
 
 
-def predict(model: Callable[..., Any], data: Iterable[Any], *, progress: bool = True) -> list[dict[str, Tensor]]:
+def predict(model: Callable[..., Any], data: Iterable[Any], *, progress: bool = True,
+            desc: str = "detecting (images)") -> list[dict[str, Tensor]]:
     """Run `model` image by image over a dataset yielding images or (image, target); torchvision outputs."""
     from tqdm.auto import tqdm
 
     outputs = []
     with torch.no_grad():
-        for item in tqdm(data, desc="detecting", disable=not progress, leave=False):
+        for item in tqdm(data, desc=desc, disable=not progress, leave=False):
             image = item[0] if isinstance(item, (tuple, list)) else item
             outputs.append({k: v.detach().cpu() for k, v in model([image])[0].items()})
     return outputs

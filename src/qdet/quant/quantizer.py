@@ -17,6 +17,7 @@ from qdet.config import Format, QuantSpec
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.observers import RangeObserver, make_observer
 from qdet.quant.qparams import compute_qparams, fake_quantize
+from qdet.quant.qparams import quantize as _quantize_codes
 
 
 class Quantizer(nn.Module):
@@ -43,6 +44,7 @@ class Quantizer(nn.Module):
         self.dynamic = False
         self.tracking = False  # QAT: while training, update the observer and qparams every batch
         self.calibrated = False
+        self.exact_rounding = False  # weights: round w / s computed in float64 (see weight_codes)
         self.exporting = False  # emit ATen fake-quant ops, which ONNX exports as QuantizeLinear/DequantizeLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,9 @@ class Quantizer(nn.Module):
             return x
         if self.exporting:
             return export_fake_quantize(x, self)
+        if self.exact_rounding:  # weights: w / s in float64, the codes `weight_codes` gives (ties decided exactly)
+            return fake_quantize(x.double(), self.scale.double(), self.zero_point, self.spec.qmin, self.spec.qmax,
+                                 self.spec.axis).to(x.dtype)
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.axis)
 
     def _set_from(self, x: torch.Tensor) -> None:
@@ -236,9 +241,23 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.weight_quant(self.weight), grid_bias(self))
 
 
+def weight_codes(weight: torch.Tensor, q: Quantizer) -> torch.Tensor:
+    """The int codes (int32) of `weight` on `q`'s grid: the ONE rounding of weights (w / s computed in
+    float64, half to even) that `.qdet` files store, the simulation applies and every runtime runs.
+    float64 decides ties exactly, as the ONNX exporter and the integer runtime always did.
+
+    >>> from qdet.config import default_weight_spec
+    >>> w = torch.tensor([[0.5, -1.0]]); q = make_weight_quantizer(w, default_weight_spec(), "w")
+    >>> weight_codes(w, q).tolist()
+    [[64, -127]]
+    """
+    return _quantize_codes(weight.double(), q.scale.double(), q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.axis)
+
+
 def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec, name: str) -> Quantizer:
     """A weight quantizer calibrated on the weight itself (weights need no data)."""
     q = Quantizer(spec, name, channels=weight.shape[spec.axis] if spec.axis is not None else None)
+    q.exact_rounding = True
     assert q.observer is not None
     q.observer.update(weight.detach())
     try:

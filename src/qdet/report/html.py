@@ -47,7 +47,9 @@ nav a{margin-right:1em}
 """
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str | None = None) -> str:
+    from qdet.report.table import _two_decimals
+
     if isinstance(v, bool) or v is None:
         return "" if v is None else str(v)
     if isinstance(v, float):
@@ -55,6 +57,8 @@ def _fmt(v: Any) -> str:
             return "nan"
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
+        if _two_decimals(column):  # unit in the name (size_mb, latency_ms, *_pts, top1): as the terminal prints it
+            return f"{v:,.2f}"
         return f"{v:,.1f}" if abs(v) >= 1e5 else f"{v:.5g}"  # 5 significant digits: 0.99717, 22.478, 0.00073943
     return str(v)
 
@@ -75,7 +79,7 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None 
         for c in cols:
             v = r.get(c)
             cls = "" if isinstance(v, (int, float)) and not isinstance(v, bool) else ' class="s"'
-            cells.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
+            cells.append(f"<td{cls}>{html.escape(_fmt(v, str(c)))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

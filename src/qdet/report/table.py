@@ -4,9 +4,20 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def _fmt(v: Any) -> str:
+# Columns whose unit is in the name (or top-1/top-5 in percent, speed-up ratios): two decimals always,
+# so 0.91 MB prints beside 1.01 MB, not 0.9113.
+_TWO_DECIMAL_SUFFIXES = ("_mb", "_ms", "_pts", "_pct", "_db", "top1", "top5")
+
+
+def _two_decimals(column: str | None) -> bool:
+    return column is not None and (column.endswith(_TWO_DECIMAL_SUFFIXES) or column.startswith("speedup"))
+
+
+def _fmt(v: Any, column: str | None = None) -> str:
     if isinstance(v, float):
-        # fractions (mAP 0.3012, its change -0.0024) need four decimals; percentages, ms, MB two
+        if _two_decimals(column):
+            return f"{v:,.2f}"
+        # other floats: fractions (0.3012, -0.0024) need four decimals
         return f"{v:.4f}" if abs(v) < 1 else f"{v:,.2f}"
     return "" if v is None else str(v)
 
@@ -23,7 +34,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     if not rows:
         return "(no rows)"
     cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    cells = [[_fmt(r.get(c), c) for c in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]

@@ -53,7 +53,7 @@ from qdet.quant.integer import (
 )
 from qdet.quant.opkinds import CLAMPS, OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
-from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
+from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer, weight_codes
 from qdet.runtimes.base import Runtime, _FloatView, register_runtime, traced_module
 
 ADD_SHIFT = 20  # (q − Z) < 2^8, shifted < 2^28: headroom for the 31-bit multiplier, precision 2^-20 of max S
@@ -281,9 +281,8 @@ class IntegerRegion(nn.Module):
             raise ConfigError(f"layer {name!r}: the integer runtime needs symmetric weights (zero point 0), "
                               f"per tensor or per output channel; got axis={wq.spec.axis}")
         w_scale = wq.scale.detach().to(torch.float64).reshape(-1)
-        shape = [-1] + [1] * (mod.weight.dim() - 1)
-        w_codes = torch.clamp(torch.round(mod.weight.detach().to(torch.float64) / w_scale.reshape(shape)),
-                              wq.spec.qmin, wq.spec.qmax)
+        # the one rounding of weights (float64 w / s, as the simulation, .qdet files and exporters do)
+        w_codes = weight_codes(mod.weight.detach().float(), wq).to(torch.float64)
         acc_scale = (xg.scale * w_scale).reshape(-1)
         if acc_scale.numel() == 1:
             acc_scale = acc_scale.expand(mod.weight.shape[0]).clone()

@@ -52,7 +52,8 @@ from torch.fx.node import map_arg
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, OpKind, op_kind
 from qdet.quant.prepare import PreparedRegion
-from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
+from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer, weight_codes
+from qdet.quant.qparams import dequantize
 from qdet.runtimes.base import Runtime, register_runtime, traced_module
 
 QParams = tuple[float, int]  # (scale, zero point) of a quint8 value, known when lowering
@@ -148,7 +149,9 @@ def _quantized_weight(mod: QuantConv2d | QuantLinear) -> torch.Tensor:
     """The BN-folded float weight on OUR grid (per-channel scales, zero point 0) as qint8."""
     wq = mod.weight_quant
     assert isinstance(wq, Quantizer)
-    w = mod.weight.detach().float()
+    # snapped onto the grid first, so torch's own rounding (x * 1/s) cannot pick another code than
+    # qdet's (float64 x / s): every runtime runs the codes the `.qdet` file stores
+    w = dequantize(weight_codes(mod.weight.detach().float(), wq), wq.scale, wq.zero_point, wq.spec.axis)
     if wq.spec.axis is None:
         return torch.quantize_per_tensor(w, float(wq.scale), 0, torch.qint8)
     return torch.quantize_per_channel(w, wq.scale.float(), wq.zero_point.long(), axis=0, dtype=torch.qint8)

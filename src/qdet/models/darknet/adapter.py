@@ -155,7 +155,8 @@ class DarknetAdapter:
         net = self._net()
         return DarknetCoco(self.labeled_calibration_dataset(data), (net.width, net.height), net.letter_box)
 
-    def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True) -> Any:
+    def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True,
+                 desc: str | None = None) -> Any:
         """COCO mAP (pycocotools) of a callable returning decoded (B, N, 5+nc) predictions, with
         Darknet's preprocessing and `detector map` thresholds (conf 0.005, NMS IoU 0.45). Darknet's
         class order is COCO's 80-class order, mapped to COCO category ids."""
@@ -165,7 +166,8 @@ class DarknetAdapter:
         dataset = data if data is not None else self.eval_dataset()
         net = self._net()
         dets = run_darknet_on_coco(model, dataset, getattr(model, "decode", None), size_wh=(net.width, net.height),
-                                   letter_box=net.letter_box, progress=progress)
+                                   letter_box=net.letter_box, progress=progress,
+                                   desc=f"{desc or self.name}: COCO inference (images)")
         return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
 
     def frame_input(self, path: str | Path) -> torch.Tensor:

@@ -100,6 +100,7 @@ def run_darknet_on_coco(
     class_map: Sequence[int] = COCO80_TO_91,
     indices: Sequence[int] | None = None,
     progress: bool = True,
+    desc: str = "darknet inference (images)",
 ) -> list[dict[str, Any]]:
     """COCO json detections. Darknet's `detector map` settings: conf 0.005, NMS IoU 0.45, every class
     above the threshold per box. `model` returns decoded (B, N, 5+nc) or raw maps (then `decode`)."""
@@ -110,7 +111,7 @@ def run_darknet_on_coco(
     results: list[dict[str, Any]] = []
     order = list(indices) if indices is not None else list(range(len(dataset)))
     with torch.inference_mode():
-        for i in tqdm(order, desc="darknet inference", disable=not progress):
+        for i in tqdm(order, desc=desc, disable=not progress):
             image, meta = dataset[i]
             x, info = darknet_preprocess(image, size_wh, letter_box=letter_box)
             pred = predictions(model(x[None]), decode)

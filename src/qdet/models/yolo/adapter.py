@@ -122,13 +122,16 @@ class YoloAdapter:
         """COCO train images through the inference letterbox — never the evaluation images."""
         return LetterboxedCoco(self.labeled_calibration_dataset(data), self.img_size)
 
-    def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True) -> Any:
-        """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions."""
+    def evaluate(self, model: Callable[..., Any], data: CocoDetection | None = None, *, progress: bool = True,
+                 desc: str | None = None) -> Any:
+        """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions;
+        `desc` labels the progress bar (what runs, e.g. "int8 (openvino)")."""
         from qdet.eval.coco import evaluate_coco
         from qdet.models.yolo.detect import run_yolo_on_coco
 
         dataset = data if data is not None else self.eval_dataset()
-        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress)
+        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress,
+                                desc=f"{desc or self.name}: COCO inference (images)")
         return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
 
     # ---- frames (qdet.analysis.frames) ----

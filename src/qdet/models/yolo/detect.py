@@ -97,6 +97,7 @@ def run_yolo_on_coco(
     class_map: Sequence[int] = COCO80_TO_91,
     num_threads: int | None = None,
     progress: bool = True,
+    desc: str = "yolo inference (images)",
 ) -> list[dict[str, Any]]:
     """Detections over `dataset` as COCO json dicts {image_id, category_id, bbox [x, y, w, h], score}.
 
@@ -135,7 +136,7 @@ def run_yolo_on_coco(
         batches += [same[k : k + batch_size] for k in range(0, len(same), batch_size)]
 
     results: list[dict[str, Any]] = []
-    with _threads(num_threads), torch.inference_mode(), tqdm(total=len(dataset), desc="yolo inference", disable=not progress) as bar:
+    with _threads(num_threads), torch.inference_mode(), tqdm(total=len(dataset), desc=desc, disable=not progress) as bar:
         for idx in batches:
             images, infos, ids = [], [], []
             for i in idx:
