@@ -883,3 +883,44 @@ def test_case_count():
     n = (len(TRUNCATIONS) + len(FLIPS) + len(HEADER_FLIPS) + len(FORGED) + len(FORGED_CLI) + len(PAYLOADS) + len(WEIGHTS)
          + 1 + len(COCO) + len(COCO_TEXT) + 3 + len(OPTIONS) + len(CONFIG_ERRORS) + 1 + len(IMAGES) + 4 + len(YAMLS))
     assert n >= 300, n
+
+
+# ============================================================ KITTI label files
+KITTI_VALID = "Car 0.00 0 1.85 387.63 181.54 423.81 203.12 1.67 1.87 3.69 -16.53 2.39 58.49 1.57"
+
+
+def _kitti_cases() -> list[tuple[str, str]]:
+    """Seeded mutations of one valid label line: field counts, non-numbers, non-finite values, boxes."""
+    rng = random.Random(SEED + 3)
+    fields = KITTI_VALID.split()
+    cases = [("empty fields", "Car"), ("14 fields", " ".join(fields[:14])), ("17 fields", KITTI_VALID + " 0.5 0.5"),
+             ("inverted box", " ".join(fields[:4] + ["423.81", "181.54", "387.63", "203.12"] + fields[8:])),
+             ("binary", "\x00\x01\x02")]
+    for i in range(24):
+        mutated = list(fields)
+        pos = rng.randrange(1, len(fields))
+        mutated[pos] = rng.choice(["nan", "inf", "-inf", "abc", "1e", "0x1g", "--", "½"])
+        cases.append((f"field {pos} = {mutated[pos]} ({i})", " ".join(mutated)))
+    return cases
+
+
+KITTI = _kitti_cases()
+
+
+@pytest.mark.parametrize("what, line", KITTI, ids=[c[0] for c in KITTI])
+def test_mutated_kitti_label(what, line, work):
+    from qdet.data.kitti import read_label_file
+
+    path = work / "kitti" / f"k{abs(hash(what))}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(KITTI_VALID + "\n" + line + "\n", encoding="utf-8")
+    _assert_loader_error(lambda: read_label_file(path), str(path), pattern=r":2: |KITTI")
+
+
+def test_non_utf8_kitti_label_is_refused(work):
+    from qdet.data.kitti import read_label_file
+
+    path = work / "kitti" / "latin1.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"Car \xff\xfe 0 1.85\n")
+    _assert_loader_error(lambda: read_label_file(path), str(path), pattern="cannot read KITTI")
