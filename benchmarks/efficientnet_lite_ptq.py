@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
     ap.add_argument("--no-qdet", action="store_true", help="measure only the float and NNCF rows")
+    ap.add_argument("--no-float", action="store_true", help="skip the float row (d_top1 is then vs the first row)")
+    ap.add_argument("--bias-correction", action="store_true",
+                    help="also measure qdet with QuantConfig(bias_correction=True) on OpenVINO")
     ap.add_argument("--no-fake-quant", action="store_true",
                     help="skip the (slow) fake-quant row; the OpenVINO int8 row is still measured")
     ap.add_argument("--json", help="write the rows to this JSON file")
@@ -82,8 +85,9 @@ def main() -> None:
                      "seconds": round(time.perf_counter() - started, 1)})
         print(format_table(rows[-1:]))
 
-    t = time.perf_counter()
-    row("float (PyTorch)", model, t)
+    if not args.no_float:
+        t = time.perf_counter()
+        row("float (PyTorch)", model, t)
     if not args.no_qdet:
         t = time.perf_counter()
         qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
@@ -92,6 +96,10 @@ def main() -> None:
             row("qdet int8 (fake-quant)", qm, t)
         t = time.perf_counter()
         row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
+    if args.bias_correction:
+        t = time.perf_counter()
+        qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig(bias_correction=True))
+        row("qdet int8, bias_correction=True (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
     if not args.no_nncf:
         try:
             import nncf  # noqa: F401

@@ -26,6 +26,7 @@ warning. A file written by a newer schema is refused with the advice to upgrade.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -220,7 +221,7 @@ def _parse_config(path: Path, data: Any) -> QuantConfig:
     if not isinstance(cfg.residual, ResidualPolicy):
         raise _bad(path, f"field 'config' residual={cfg.residual!r} is not one of: "
                          f"{', '.join(r.value for r in ResidualPolicy)}")
-    for flag in ("quantize_outputs", "share_concat_ranges", "fuse_silu"):
+    for flag in (f.name for f in dataclasses.fields(QuantConfig) if isinstance(f.default, bool)):
         if not isinstance(getattr(cfg, flag), bool):
             raise _bad(path, f"field 'config' {flag}={getattr(cfg, flag)!r} is not true/false")
     return cfg

@@ -153,6 +153,10 @@ class QuantConfig:
         one rounding point instead of two. onnxruntime has no such int8 kernel (its QDQ conv needs a
         Q right after the conv) and would run those convs in float, so the default (False) quantizes
         conv output and activation output separately, which every int8 runtime executes.
+    bias_correction: after calibration, add (W − Q(W)) · E[x] to each conv/linear's bias, E[x] the
+        per-channel mean of its float input on the calibration set: the mean shift weight rounding
+        causes is given back (NNCF's default "fast bias correction" does the same). Off by default
+        until it is measured on every bundled model.
     """
 
     activations: QuantSpec | Observer = Observer.HISTOGRAM
@@ -165,6 +169,7 @@ class QuantConfig:
     share_concat_ranges: bool = False
     fuse_silu: bool = False
     fuse_leaky_mish: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, Observer):

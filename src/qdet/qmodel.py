@@ -327,7 +327,8 @@ def quantize(
     batches = _chain_first(first, iterator, remaining)
     total = len_or_none(calib_data)
     total = num_batches if total is None else total if num_batches is None else min(total, num_batches)
-    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress, total=total)
+    qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress, total=total,
+                                       bias_correction=cfg.bias_correction)
     cov = coverage(qm)
     qm.metrics["coverage"] = cov.as_dict()
     warn_if_mostly_float(cov)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -153,13 +153,20 @@ def calibrate(
     num_batches: int | None = None,
     progress: bool = True,
     total: int | None = None,
+    bias_correction: bool = False,
 ) -> int:
-    """Observe `data` and compute every activation quantizer's qparams. Returns the batch count."""
-    with calibration_mode(model):
+    """Observe `data` and compute every activation quantizer's qparams. Returns the batch count.
+
+    With `bias_correction`, each conv/linear's bias also absorbs the mean shift its weight rounding
+    causes on these inputs (`qdet.quant.bias_correction`)."""
+    from qdet.quant.bias_correction import correct_biases, input_means
+
+    with calibration_mode(model), (input_means(model) if bias_correction else nullcontext({})) as means:
         count = run_batches(model, data, transform_fn, num_batches=num_batches, progress=progress,
                             desc="calibrating (batches)", total=total)
     if count == 0:
         raise CalibrationError("the calibration set is empty: no batch reached the model")
+    correct_biases(means)
     finalize(model)
     return count
 
