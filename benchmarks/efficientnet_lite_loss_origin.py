@@ -22,13 +22,14 @@ from torch.utils.data import Subset
 
 import qdet
 from qdet.analysis.errors import layer_errors
-from qdet.data.folders import imagenette_folder, make_loader
-from qdet.models.efficientnet_lite import efficientnet_lite
+from qdet.data.folders import make_loader
 from qdet.paths import assets_dir
 from qdet.quant.calibrate import INT32_MAX, _grid_source
 from qdet.quant.qparams import compute_qparams
 from qdet.quant.quantizer import QuantConv2d, QuantLinear, make_weight_quantizer
 from qdet.report.table import format_table
+
+from efficientnet_lite_ptq import imagenette_halves, pretrained_lite1, top1  # benchmarks/ is on sys.path
 
 
 def pre_fix_variant(qm: qdet.QuantizedModel) -> tuple[qdet.QuantizedModel, list[str]]:
@@ -57,15 +58,6 @@ def pre_fix_variant(qm: qdet.QuantizedModel) -> tuple[qdet.QuantizedModel, list[
     return old, widened
 
 
-def top1(fn, loader) -> float:
-    hit = n = 0
-    with torch.no_grad():
-        for x, y in loader:
-            hit += int((torch.as_tensor(fn(x)).argmax(1) == y).sum())
-            n += len(y)
-    return 100.0 * hit / n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(assets_dir() / "weights" / "efficientnet_lite1_imagenet.pth"))
@@ -76,11 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = efficientnet_lite("lite1")
-    model.load_state_dict(torch.load(args.weights, weights_only=True))
-    data = imagenette_folder(resize=240, crop=240, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    half_a, half_b = order[: len(order) // 2], order[len(order) // 2:]
+    model = pretrained_lite1(args.weights)
+    data, half_a, half_b = imagenette_halves(args.seed)
     calib = make_loader(Subset(data, half_a[: args.calib_images]), 32)
     evaluation = make_loader(Subset(data, half_b), 64)
     print(f"calibration: {args.calib_images} images of half A; evaluation: all {len(half_b)} of half B; seed "

@@ -28,6 +28,19 @@ from qdet.paths import assets_dir
 from qdet.report.table import format_table
 
 
+def pretrained_lite1(weights: str) -> torch.nn.Module:
+    model = efficientnet_lite("lite1")
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+def imagenette_halves(seed: int) -> tuple[torch.utils.data.Dataset, list[int], list[int]]:
+    """Imagenette val with the Lite preprocessing, split by a seeded permutation into halves A and B."""
+    data = imagenette_folder(resize=240, crop=240, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    return data, order[: len(order) // 2], order[len(order) // 2:]
+
+
 def top1(fn, loader) -> float:
     hit = n = 0
     with torch.no_grad():
@@ -67,11 +80,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    model = efficientnet_lite("lite1")
-    model.load_state_dict(torch.load(args.weights, weights_only=True))
-    data = imagenette_folder(resize=240, crop=240, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    half_a, half_b = order[: len(order) // 2], order[len(order) // 2:]
+    model = pretrained_lite1(args.weights)
+    data, half_a, half_b = imagenette_halves(args.seed)
     calib = Subset(data, half_a[: args.calib_images])
     evaluation = make_loader(Subset(data, half_b), 64)
     print(f"calibration: {len(calib)} images of half A ({len(half_a)}); evaluation: all {len(half_b)} of half B; "
