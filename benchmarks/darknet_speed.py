@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -29,6 +26,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import measure_latencies, torch_threads
+from qdet.bench.machine import cpu_info, load_average
 from qdet.jobs import _saved_size
 
 SIZES = {"yolov3-tiny": 416, "yolov4-tiny": 416, "yolov3": 608, "yolov4": 608}
@@ -37,19 +35,9 @@ RUNTIMES = ("openvino", "onnxruntime")
 
 def machine() -> dict[str, str]:
     """lscpu's model name and flags (the ISA extensions that decide int8 speed) and the load average."""
-    info = {"model": platform.processor() or "?", "flags": "", "load": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return info
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            info["model"] = value.strip()
-        elif key.strip() == "Flags":
-            flags = value.split()
-            info["flags"] = " ".join(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "vnni"))
-    return info
+    cpu = cpu_info()
+    flags = " ".join(f for f in sorted(cpu.flags) if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "vnni"))
+    return {"model": cpu.model, "flags": flags, "load": load_average()}
 
 
 def prepare(name: str, size: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -96,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calls = {f"{name} | {label}": (lambda fn=fn, x=p["input"]: fn(x))
                  for name, p in prepared.items() for label, (fn, _) in p["variants"].items()}
         lat = measure_latencies(calls, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
-    load_end = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_end = load_average()
     print(f"\nbatch 1, {args.threads} threads, {len(calls)} variants timed round-robin in one run, median of "
           f"{args.repeats} (load average now {load_end})")
     print(f"  {'model':<12} {'px':>4} {'runtime':<27} {'fp32 ms':>8} {'int8 ms':>8} {'speed-up':>8} "

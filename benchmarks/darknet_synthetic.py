@@ -30,6 +30,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import torch_threads
+from qdet.bench.machine import load_average
 from qdet.eval.coco import evaluate_coco
 from qdet.models.darknet import DarknetAdapter, load_darknet, save_darknet_weights
 from qdet.models.darknet.loss import DarknetYoloLoss
@@ -176,10 +177,6 @@ scale_x_y = 2.0
 """
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def targets_of(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) images and (n, 6) [image, class 0..2, cx, cy, w, h] targets in pixels."""
     images = torch.stack([b[0] for b in batch])
@@ -233,7 +230,7 @@ def detections(fn: Callable[[torch.Tensor], torch.Tensor], data: SyntheticShapes
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     print("SYNTHETIC DATA — generated shapes, not a real-image benchmark")
-    print(f"load average at start: {load()}")
+    print(f"load average at start: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "toy-tiny.cfg"
         cfg.write_text(TOY_CFG.format(size=args.size))
@@ -295,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"int8 OpenVINO (leaky fused) vs fp32: drop {drop:+.2f} mAP points")
         results["drop_points_openvino_fused"] = drop
     print(f"training: {info['steps']} steps in {info['seconds'] / 60:.1f} min, final loss {info['final_loss']:.4f}; "
-          f"load average now {load()}")
+          f"load average now {load_average()}")
     return {"training": info, "results": results, "args": {k: str(v) for k, v in vars(args).items()}}
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import random
 import statistics
 import tempfile
 import time
@@ -40,7 +39,8 @@ import torch
 
 import qdet
 from qdet.analysis.errors import layer_errors
-from qdet.bench.latency import torch_threads
+from qdet.bench.latency import interleaved_times, torch_threads
+from qdet.bench.machine import load_average
 from qdet.data.kitti import KittiDataset
 from qdet.fileio import write_text_atomically
 from qdet.models import REGISTRY
@@ -52,10 +52,6 @@ from qdet.models.rcnn.onnx_baseline import (
 )
 from qdet.models.rcnn.proposals import shared_proposals
 from qdet.paths import assets_dir
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def mb(n_bytes: int) -> float:
@@ -114,25 +110,6 @@ def stage_breakdown(lowered: torch.nn.Module, regions: list[str], frame: torch.T
     return per_region, statistics.median(totals) * 1000
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, threads: int, warmup: int, repeats: int,
-                     seed: int = 0) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(seed)
-    with torch_threads(threads), torch.no_grad():
-        for name, fn in fns.items():
-            for _ in range(warmup):
-                fn()
-        for r in range(repeats):
-            order = list(fns)
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - t0) * 1000)
-            print(f"  round {r + 1}/{repeats} done (load {load()})", flush=True)
-    return times
-
-
 def region_files_size(lowered: torch.nn.Module, regions: list[str], folder: Path) -> dict[str, int]:
     sizes = {}
     for path in regions:
@@ -160,7 +137,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__} · onnxruntime {onnxruntime.__version__} · openvino {openvino.__version__} · "
           f"{platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · threads {args.threads}")
-    print(f"load average at start: {load()}")
+    print(f"load average at start: {load_average()}")
 
     ds = KittiDataset(assets_dir() / "kitti")
     images = [ds.image(i) for i in range(len(ds))]
@@ -241,9 +218,9 @@ def main() -> None:
     }
     print(f"\nLatency, frame {ds.frame_ids[args.frame]} ({frame.shape[2]}×{frame.shape[1]}), batch 1, "
           f"{args.threads} threads, {args.warmup} warm-up + {args.repeats} interleaved rounds")
-    start_load = load()
-    times = time_interleaved(fns, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
-    end_load = load()
+    start_load = load_average()
+    times = interleaved_times(fns, threads=args.threads, warmup=args.warmup, repeats=args.repeats, shuffle_seed=0)
+    end_load = load_average()
     base = statistics.median(times["PyTorch fp32 eager"])
     print(f"\n  {'variant':<36} {'median ms':>10} {'p90 ms':>9} {'min ms':>9} {'vs PyTorch fp32':>16}")
     results = {}

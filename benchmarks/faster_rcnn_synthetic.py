@@ -30,6 +30,7 @@ from torchvision.ops import box_iou
 
 import qdet
 from qdet.bench.latency import torch_threads
+from qdet.bench.machine import load_average
 from qdet.eval.coco import evaluate_coco
 from qdet.models.faster_rcnn import FasterRCNNAdapter
 from qdet.models.rcnn import make_quantizable
@@ -47,10 +48,6 @@ from qdet.models.rcnn.synthetic import (
     tiny_faster_rcnn,
     train_detector,
 )
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def build(arch: str, size: int) -> torch.nn.Module:
@@ -72,7 +69,7 @@ def trained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, 
         print(f"loaded cached checkpoint {ckpt} (trained {info['steps']:.0f} steps in {info['seconds'] / 60:.1f} min)")
         return model.eval(), info
     print(f"training {args.arch} from scratch: {args.steps} steps × {args.batch} images at {args.size} px, "
-          f"at most {args.minutes} min, 1 thread (load {load()})")
+          f"at most {args.minutes} min, 1 thread (load {load_average()})")
     torch.manual_seed(args.seed)
     with torch_threads(1):  # one thread: no spin-waiting against other jobs on a shared machine
         info = train_detector(model, SyntheticShapes(args.steps * args.batch, seed=args.seed, size=args.size),
@@ -133,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     print("SYNTHETIC DATA — generated shapes, not a real-image benchmark")
-    print(f"load average at start: {load()}")
+    print(f"load average at start: {load_average()}")
 
     model, info = trained_model(args)
     make_quantizable(model)
@@ -171,7 +168,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     outputs: dict[str, list[dict]] = {}
     print(f"\nCOCO bbox mAP on {len(val)} held-out generated images ({len(gt['annotations'])} objects), "
-          f"{args.threads} threads (load {load()})")
+          f"{args.threads} threads (load {load_average()})")
     print(f"  {'variant':<34} {'mAP':>6} {'mAP50':>6} {'mAP75':>6} {'Δ mAP':>7} {'agree@0.9':>10} {'ms/img':>7}")
     with torch_threads(args.threads):
         for name, fn in variants.items():
@@ -197,7 +194,7 @@ def main() -> None:
               f"median {statistics.median(vals):5.1f} dB")
     results["sqnr"] = sqnr
     print(f"  training: {info['steps']:.0f} steps, {info['seconds'] / 60:.1f} min, final loss {info['final_loss']:.3f}; "
-          f"load average now {load()}")
+          f"load average now {load_average()}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"training": info, "results": results, "args": vars(args)},
                                                       indent=2, default=str))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 import warnings
@@ -30,6 +29,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import torch_threads
+from qdet.bench.machine import cpu_info, load_average
 from qdet.models import REGISTRY
 from qdet.models.rcnn.synthetic import SyntheticShapes
 from qdet.models.ssd.data import SSDInputs
@@ -37,19 +37,12 @@ from qdet.models.ssd.data import SSDInputs
 MODELS = ("ssd300_resnet50", "ssdlite320_mobilenet_v3_large")
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def cpu_info() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+def cpu_line() -> str:
+    cpu = cpu_info()
+    if not cpu.available:
         return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{fields.get('Model name', '?').strip()} · flags: {' '.join(wanted) or 'none of avx2/avx512/vnni/amx'}"
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in cpu.flags]
+    return f"{cpu.model} · flags: {' '.join(wanted) or 'none of avx2/avx512/vnni/amx'}"
 
 
 def recalibrate_bn(module: torch.nn.Module, run: Callable[[], Any]) -> None:
@@ -110,8 +103,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*random initialisation.*")
-    print(f"torch {torch.__version__} · {cpu_info()} · {os.cpu_count()} CPUs · threads {args.threads} · "
-          f"runtime {args.runtime} · batch 1 · load at start {load()}")
+    print(f"torch {torch.__version__} · {cpu_line()} · {os.cpu_count()} CPUs · threads {args.threads} · "
+          f"runtime {args.runtime} · batch 1 · load at start {load_average()}")
     rows = []
     for name in args.models.split(","):
         model, adapter, batches, network, end_to_end = setup(name, args)
@@ -134,13 +127,13 @@ def main() -> None:
                **{f"{k.replace(' ', '_')}_ms": v.median_ms for k, v in lat.items()},
                "speedup_network": lat["fp32 network"].median_ms / lat["int8 network"].median_ms,
                "speedup_end_to_end": lat["fp32 end to end"].median_ms / lat["int8 end to end"].median_ms,
-               "repeats": args.repeats, "load_after": load()}
+               "repeats": args.repeats, "load_after": load_average()}
         rows.append(row)
         print(f"  size: fp32 {row['fp32_mb']:.2f} MB, int8 {row['int8_mb']:.2f} MB ({100 * row['size_ratio']:.1f} %)")
         for k, v in lat.items():
             print(f"  {k:16s} median {v.median_ms:8.1f} ms  p90 {v.p90_ms:8.1f} ms")
         print(f"  speed-up int8/fp32: network {row['speedup_network']:.2f}×, end to end "
-              f"{row['speedup_end_to_end']:.2f}× (load {load()})", flush=True)
+              f"{row['speedup_end_to_end']:.2f}× (load {load_average()})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

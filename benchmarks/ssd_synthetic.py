@@ -41,6 +41,7 @@ import torch
 import qdet
 from qdet.analysis.errors import layer_errors
 from qdet.bench.latency import torch_threads
+from qdet.bench.machine import load_average
 from qdet.config import Observer, QuantConfig, default_activation_spec
 from qdet.models.rcnn.synthetic import (
     SHAPE_CLASSES,
@@ -55,10 +56,6 @@ from qdet.models.ssd.loss import match, ssd_loss
 NUM_CLASSES = len(SHAPE_CLASSES) + 1
 OBSERVERS = {"minmax": (Observer.MINMAX, None), "histogram": (Observer.HISTOGRAM, None),
              **{f"percentile{p}": (Observer.PERCENTILE, p) for p in (97.5, 99.0, 99.5, 99.7)}}
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def adapter_for(args: argparse.Namespace) -> Any:
@@ -123,7 +120,7 @@ def trained(adapter: Any, args: argparse.Namespace) -> tuple[torch.nn.Module, di
         print(f"loaded cached checkpoint {ckpt} ({info['steps']:.0f} steps, {info['seconds'] / 60:.1f} min)")
         return model.eval(), info
     print(f"training {args.arch} from scratch: {args.steps} steps × {args.batch} images at {args.size} px, at most "
-          f"{args.minutes} min, {args.train_threads} thread(s) (load {load()})")
+          f"{args.minutes} min, {args.train_threads} thread(s) (load {load_average()})")
     torch.manual_seed(args.seed)
     data = SyntheticShapes(args.steps * args.batch, seed=args.seed, size=args.size)
     with torch_threads(args.train_threads):
@@ -205,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
     args.size = args.size or (264 if args.arch == "r50" else 192)
     warnings.filterwarnings("ignore", message=".*random initialisation.*")
-    print(f"SYNTHETIC DATA · {args.arch} at {args.size} px · torch {torch.__version__} · load {load()}")
+    print(f"SYNTHETIC DATA · {args.arch} at {args.size} px · torch {torch.__version__} · load {load_average()}")
 
     adapter = adapter_for(args)
     model, info = trained(adapter, args)

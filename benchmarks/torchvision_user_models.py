@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import random
-import subprocess
+import statistics
 import time
 import warnings
 from typing import Any, Callable
@@ -39,7 +37,8 @@ import torch
 import torchvision
 
 import qdet
-from qdet.bench.latency import torch_threads
+from qdet.bench.latency import interleaved_times, torch_threads
+from qdet.bench.machine import cpu_info, load_average
 from qdet.data.folders import imagenette_folder, make_loader, seeded_split
 
 MODELS = ("mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d", "convnext_tiny")
@@ -47,20 +46,10 @@ NOISE_DB = 40.0  # input-noise control: about one int8 quantization step's worth
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
 
 
-def cpu_info() -> str:
+def cpu_line() -> str:
     """lscpu's model name and the int8/bf16 instruction-set flags the CPU reports."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    name = fields.get("Model name", "?").strip()
-    flags = set(fields.get("Flags", "").split())
-    return f"{name}; flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    cpu = cpu_info()
+    return f"{cpu.model}; flags: " + ", ".join(f"{f} {'yes' if f in cpu.flags else 'no'}" for f in CPU_FLAGS)
 
 
 def set_bn_statistics(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
@@ -92,32 +81,6 @@ def input_noise_control(model: torch.nn.Module, x: torch.Tensor, snr_db: float) 
         return sqnr_db(model(x), model(x + noise))
 
 
-def time_round_robin(fns: dict[str, Callable[[], Any]], *, threads: int, warmup: int, repeats: int,
-                     seed: int = 0) -> dict[str, list[float]]:
-    """ms per call of every fn; each round calls every fn once, in a seeded shuffled order."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(seed)
-    with torch_threads(threads), torch.no_grad():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for r in range(repeats):
-            order = list(fns)
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - t0) * 1000)
-            print(f"  round {r + 1}/{repeats} done (load {load()})", flush=True)
-    return times
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -136,8 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
-    print(f"CPU: {cpu_info()}")
-    print(f"load average at start: {load()}; {args.threads} threads, batch 1; weights RANDOM (seed {args.seed}), "
+    print(f"CPU: {cpu_line()}")
+    print(f"load average at start: {load_average()}; {args.threads} threads, batch 1; weights RANDOM (seed {args.seed}), "
           f"calibration: {args.calib_images} real imagenette/val images, SQNR: {args.sqnr_images} disjoint ones")
     data = imagenette_folder(resize=None)  # the bundled images are 224x224 already
     calib_set, rest = seeded_split(data, args.calib_images, seed=args.seed)
@@ -189,15 +152,16 @@ def main() -> None:
         fns[f"{name} int8"] = lambda f=int8: f(x1)
 
     print(f"\ntiming: batch 1, {args.threads} threads, {args.repeats} round-robin rounds over {len(fns)} "
-          f"models (load average {load()})")
-    start_load = load()
-    times = time_round_robin(fns, threads=args.threads, warmup=args.warmup, repeats=args.repeats, seed=args.seed)
-    end_load = load()
+          f"models (load average {load_average()})")
+    start_load = load_average()
+    times = interleaved_times(fns, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                              shuffle_seed=args.seed, progress=True, desc="timing (rounds)")
+    end_load = load_average()
     print(f"load average: {start_load} (start of timing) -> {end_load} (end)")
     print(f"\n{'model':20s} {'int8 MACs':>9s} {'OV int8 conv':>12s} {'OV int8 mm':>10s} {'SQNR dB':>7s} "
           f"{'fp32 ms':>8s} {'int8 ms':>8s} {'speed-up':>8s}")
     for row in rows:
-        f_ms, q_ms = median(times[f"{row['model']} fp32"]), median(times[f"{row['model']} int8"])
+        f_ms, q_ms = statistics.median(times[f"{row['model']} fp32"]), statistics.median(times[f"{row['model']} int8"])
         row.update(fp32_ms=round(f_ms, 2), int8_ms=round(q_ms, 2), speedup=round(f_ms / q_ms, 3))
         ov = row["openvino"]
         print(f"{row['model']:20s} {100 * row['int8_mac_share']:8.1f}% "
@@ -208,7 +172,7 @@ def main() -> None:
         print(f"(only {args.repeats} timing rounds: a correctness run, the latencies mean nothing)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"cpu": cpu_info(), "threads": args.threads, "repeats": args.repeats, "seed": args.seed,
+            json.dump({"cpu": cpu_line(), "threads": args.threads, "repeats": args.repeats, "seed": args.seed,
                        "load_average": {"start": start_load, "end": end_load}, "rows": rows}, fh, indent=1)
 
 

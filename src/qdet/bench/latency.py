@@ -5,6 +5,7 @@ spike or clock drift on a shared machine hits every model alike and the ratios s
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from contextlib import contextmanager
@@ -39,6 +40,42 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    threads: int,
+    warmup: int = 3,
+    repeats: int = 20,
+    shuffle_seed: int | None = None,
+    progress: bool = False,
+    desc: str = "timing",
+) -> dict[str, list[float]]:
+    """Milliseconds of every `fns[label]()` call, `repeats` rounds in which each model runs once.
+
+    With `shuffle_seed` each round calls the models in a seeded random order (no model always runs
+    right after the same neighbour); otherwise in dict order.
+
+    >>> ts = interleaved_times({"a": lambda: None, "b": lambda: None}, threads=1, repeats=2, shuffle_seed=0)
+    >>> sorted(ts), len(ts["a"])
+    (['a', 'b'], 2)
+    """
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    rng = random.Random(shuffle_seed)
+    with torch_threads(threads), torch.no_grad():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
+            order = list(fns)
+            if shuffle_seed is not None:
+                rng.shuffle(order)
+            for label in order:
+                t0 = time.perf_counter()
+                fns[label]()
+                times[label].append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
 def measure_latencies(
     fns: dict[str, Callable[[], Any]],
     *,
@@ -54,16 +91,7 @@ def measure_latencies(
     >>> sorted(lat), lat["a"].repeats
     (['a', 'b'], 3)
     """
-    times: dict[str, list[float]] = {label: [] for label in fns}
-    with torch_threads(threads), torch.no_grad():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
-            for label, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[label].append((time.perf_counter() - t0) * 1000.0)
+    times = interleaved_times(fns, threads=threads, warmup=warmup, repeats=repeats, progress=progress, desc=desc)
     return {label: _summary(ts, threads) for label, ts in times.items()}
 
 
