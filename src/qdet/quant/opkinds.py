@@ -77,42 +77,38 @@ _SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
+# Leaf module types → kind, first match wins (ReLU6, a Hardtanh, and Upsample's mode are decided
+# in module_kind before this table).
+_MODULE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], OpKind], ...] = (
+    ((nn.Conv2d,), OpKind.CONV),
+    ((nn.Linear,), OpKind.LINEAR),
+    (_MATMUL_MODULES, OpKind.MATMUL),
+    ((nn.modules.batchnorm._BatchNorm,), OpKind.BATCHNORM),
+    ((nn.ReLU,), OpKind.RELU),
+    ((nn.SiLU,), OpKind.SILU),
+    ((nn.Sigmoid,), OpKind.SIGMOID),
+    ((nn.LeakyReLU,), OpKind.LEAKY_RELU),
+    ((nn.Mish,), OpKind.MISH),
+    (_ACTIVATION_MODULES, OpKind.ACTIVATION),
+    ((nn.MaxPool2d,), OpKind.MAXPOOL),
+    ((nn.AvgPool2d, nn.AdaptiveAvgPool2d), OpKind.AVGPOOL),
+    ((nn.ZeroPad2d,), OpKind.ZERO_PAD),
+    (_SHAPE_MODULES, OpKind.SHAPE),
+    (_IDENTITY_MODULES, OpKind.IDENTITY),
+)
+
+
 def module_kind(mod: nn.Module) -> OpKind:
     """The kind of a module called as a graph leaf."""
     if isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0):  # nn.ReLU6 is one
         return OpKind.RELU6
-    if isinstance(mod, nn.Conv2d):
-        return OpKind.CONV
-    if isinstance(mod, nn.Linear):
-        return OpKind.LINEAR
-    if isinstance(mod, _MATMUL_MODULES):
-        return OpKind.MATMUL
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) or isinstance(mod, _frozen_bn_types()):
-        return OpKind.BATCHNORM
-    if isinstance(mod, nn.ReLU):
-        return OpKind.RELU
-    if isinstance(mod, nn.SiLU):
-        return OpKind.SILU
-    if isinstance(mod, nn.Sigmoid):
-        return OpKind.SIGMOID
-    if isinstance(mod, nn.LeakyReLU):
-        return OpKind.LEAKY_RELU
-    if isinstance(mod, nn.Mish):
-        return OpKind.MISH
-    if isinstance(mod, _ACTIVATION_MODULES):
-        return OpKind.ACTIVATION
-    if isinstance(mod, nn.MaxPool2d):
-        return OpKind.MAXPOOL
-    if isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-        return OpKind.AVGPOOL
     if isinstance(mod, nn.Upsample):
         return OpKind.UPSAMPLE_NEAREST if mod.mode == "nearest" else OpKind.UPSAMPLE
-    if isinstance(mod, nn.ZeroPad2d):
-        return OpKind.ZERO_PAD
-    if isinstance(mod, _SHAPE_MODULES):
-        return OpKind.SHAPE
-    if isinstance(mod, _IDENTITY_MODULES):
-        return OpKind.IDENTITY
+    if isinstance(mod, _frozen_bn_types()):
+        return OpKind.BATCHNORM
+    for types, kind in _MODULE_KINDS:
+        if isinstance(mod, types):
+            return kind
     return OpKind.OTHER
 
 
