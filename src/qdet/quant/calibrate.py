@@ -18,6 +18,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from qdet.errors import CalibrationError
+from qdet.quant.bias_correction import correct_biases, input_means
 from qdet.quant.qparams import compute_qparams
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
 
@@ -159,8 +160,6 @@ def calibrate(
 
     With `bias_correction`, each conv/linear's bias also absorbs the mean shift its weight rounding
     causes on these inputs (`qdet.quant.bias_correction`)."""
-    from qdet.quant.bias_correction import correct_biases, input_means
-
     with calibration_mode(model), (input_means(model) if bias_correction else nullcontext({})) as means:
         count = run_batches(model, data, transform_fn, num_batches=num_batches, progress=progress,
                             desc="calibrating (batches)", total=total)
