@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from qdet.config import Format
+from qdet.quant.opkinds import OpKind, module_kind
 from qdet.runtimes.executed import RuntimeCoverage, runtime_coverage
 
 WARN_BELOW = 0.90  # share of conv/linear MACs in int8 under which quantize warns
@@ -98,7 +99,7 @@ def coverage(qmodel: Any, *, lowered: nn.Module | None = None) -> Coverage:
     kept += [FloatLayer(u.path, 0, f"untraceable forward uses {u.own_weights} weights directly (MACs not counted)")
              for u in untraced if u.own_weights]
     unfolded = [f"{path}.{name}" if path else name for path, region in qmodel.regions.items()
-                for name, m in region.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                for name, m in region.module.named_modules() if module_kind(m) is OpKind.BATCHNORM]
     cov = Coverage(
         int8_layers=len(int8), float_layers=len(kept), int8_macs=sum(r.macs for r in int8),
         total_macs=sum(r.macs for r in int8 + flt),
