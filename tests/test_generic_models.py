@@ -204,6 +204,44 @@ def test_untraceable_forward_is_split_into_traceable_submodules() -> None:
         assert torch.equal(saved(data[0]), qm(data[0]))
 
 
+class ClampIfNegative(nn.Module):
+    """Weight-free, with a data-dependent branch fx cannot follow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=0) if bool((x < 0).any()) else x
+
+
+class OpaqueInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 8, 3, padding=1), ClampIfNegative(), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gate(self.a(x))
+        return self.fc((y + self.b(y)).mean((2, 3)))
+
+
+def test_weight_free_module_fx_cannot_follow_is_one_float_node() -> None:
+    """Only that module runs float; the rest of the graph (the add included) is traced and quantized."""
+    torch.manual_seed(0)
+    net = OpaqueInside().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"cannot follow 1 weight-free module.*gate \(TraceError"):
+        qm = quantize(net, data, QuantConfig(), progress=False)
+    assert list(qm.regions) == [""]  # no split: the model traced
+    assert "add" in {rec.kind for rec in qm.layers}
+    cov = qm.metrics["coverage"]
+    assert cov["int8_layers"] == 3 and cov["float_layers"] == 0
+    assert [(u["path"], u["opaque"]) for u in cov["untraced"]] == [("gate", True)]
+    assert "runs float as one node: gate" in qdet.coverage(qm).table()
+    with torch.no_grad():
+        assert sqnr_db(net(data[0]), qm(data[0])) >= 30
+    saved = qdet.load(qdet.save(qm, Path(tempfile.mkdtemp()) / "opaque.qdet"), net)
+    with torch.no_grad():
+        assert torch.equal(saved(data[0]), qm(data[0]))
+
+
 class DecodingDetector(nn.Module):
     """A YOLO-style head whose forward decodes boxes (sigmoid, grid and anchor arithmetic, exp)."""
 

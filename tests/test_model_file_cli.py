@@ -176,6 +176,64 @@ def test_exported_program_and_labeled_folder(files, tmp_path, capsys):
     assert result["meta"]["input_size"] == [3, 32, 32]
 
 
+def _export_onnx(files: Path, path: Path, *, dynamic_batch: bool) -> nn.Module:
+    import sys
+
+    sys.path.insert(0, str(files))
+    try:
+        import nets  # the same file the CLI imports by path
+    finally:
+        sys.path.remove(str(files))
+    net = nets.build().eval()
+    axes = {"x": {0: "batch"}} if dynamic_batch else None
+    torch.onnx.export(net, (torch.randn(2, 3, 24, 24),), str(path), input_names=["x"], dynamic_axes=axes,
+                      opset_version=17, dynamo=False)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_onnx_file_quantizes_every_conv_and_linear_on_openvino(files, tmp_path, capsys):
+    """An exported .onnx file: converted (onnx2torch), every conv/linear int8 as OpenVINO executes it,
+    input size read from the file; the exporter folded the BatchNorms already, so none is left to fold."""
+    pytest.importorskip("onnx2torch")
+    pytest.importorskip("openvino")
+    _export_onnx(files, tmp_path / "net.onnx", dynamic_batch=True)
+    js = tmp_path / "m.json"
+    code, _, err = _run(["--model-file", str(tmp_path / "net.onnx"), "--runtime", "openvino",
+                              "--calib-images", "8", "--eval-images", "8", "--no-bench", "--no-progress",
+                              "--json", str(js), "--out", str(tmp_path / "n.qdet")], capsys)
+    assert code == 0, err
+    result = json.loads(js.read_text())
+    cov = result["meta"]["coverage"]
+    assert cov["int8_layers"] == 3 and cov["float_layers"] == 0 and cov["int8_mac_share"] == 1.0
+    assert cov["folded_batchnorms"] == 0 and cov["unfolded_batchnorms"] == []
+    executed = cov["runtime"]["openvino"]
+    assert executed["float_convs"] == executed["float_matmuls"] == 0
+    assert executed["int8_convs"] + executed["int8_matmuls"] == 3
+    assert result["meta"]["input_size"] == [3, 24, 24]
+    assert result["rows"][2]["sqnr_db"] >= 25
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_onnx_conversion_matches_the_original_and_bad_ops_are_named(files, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx2torch")
+    from qdet.errors import ModelError
+    from qdet.user_model import load_model, model_input_shape, parse_model_file
+
+    net = _export_onnx(files, tmp_path / "fixed.onnx", dynamic_batch=False)
+    spec = parse_model_file(str(tmp_path / "fixed.onnx"))
+    assert model_input_shape(spec) == (2, (3, 24, 24))
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(load_model(spec)(x), net(x), atol=1e-5)
+    proto = onnx.load(str(tmp_path / "fixed.onnx"))
+    proto.graph.node[0].op_type = "NoSuchOp"  # an op onnx2torch has no converter for
+    onnx.save(proto, str(tmp_path / "bad_op.onnx"))
+    with pytest.raises(ModelError, match=r"bad_op\.onnx.*NoSuchOp"):
+        load_model(parse_model_file(str(tmp_path / "bad_op.onnx")))
+
+
 def _bad_cases(files: Path) -> list[tuple[list[str], list[str]]]:
     nets = files / "nets.py"
     return [
@@ -201,8 +259,8 @@ def _bad_cases(files: Path) -> list[tuple[list[str], list[str]]]:
 
 
 def test_every_bad_input_is_one_line_exit_2(files, tmp_path, capsys):
-    (files / "m.onnx").write_bytes(b"not used")
-    cases = _bad_cases(files) + [(["--model-file", str(files / "m.onnx")], ["m.onnx", "ONNX input needs"])]
+    (files / "m.onnx").write_bytes(b"\x08\x07garbage")
+    cases = _bad_cases(files) + [(["--model-file", str(files / "m.onnx")], ["m.onnx", "not an ONNX model"])]
     for args, expected in cases:
         code, stdout, err = _run([*SMALL, *args, "--out", str(tmp_path / "x.qdet")], capsys)
         assert code == 2, (args, err)

@@ -75,7 +75,9 @@ class Coverage:
             shown = ", ".join(self.decode_ops[:6]) + (", ..." if len(self.decode_ops) > 6 else "")
             lines.append(f"  box decode kept float ({len(self.decode_ops)} ops after the last conv/linear): {shown}")
         for u in self.untraced[:8]:
-            lines.append(f"  untraceable, its own code runs float: {u['path']} ({u['reason']})")
+            what = "fx cannot follow this weight-free op, it runs float as one node" if u.get("opaque") \
+                else "untraceable, its own code runs float"
+            lines.append(f"  {what}: {u['path']} ({u['reason']})")
         for layer in sorted(self.kept_float, key=lambda f: -f.macs)[:8]:
             lines.append(f"  float: {layer.name} ({layer.macs / 1e6:.2f} M MACs): {layer.reason}")
         lines += [f"  {rc.summary()}" for rc in self.runtime.values()]

@@ -163,10 +163,15 @@ def build_quantized(
     qm = _assemble(work, traceable, cfg, inputs, model_name, qat=qat)
     qm.untraced = untraced
     check_quantizable(qm, type(model).__name__)
-    if untraced:
-        warnings.warn("torch.fx could not trace " + "; ".join(f"{u.path} ({u.reason})" for u in untraced[:4])
-                      + f": {'its' if len(untraced) == 1 else 'their'} own code runs float, the "
+    split = [u for u in untraced if not u.opaque]
+    if split:
+        warnings.warn("torch.fx could not trace " + "; ".join(f"{u.path} ({u.reason})" for u in split[:4])
+                      + f": {'its' if len(split) == 1 else 'their'} own code runs float, the "
                       f"{len(traceable)} traceable submodules inside are quantized", stacklevel=3)
+    opaque = [u for u in untraced if u.opaque]
+    if opaque:
+        warnings.warn(f"torch.fx cannot follow {len(opaque)} weight-free module(s), each runs float as one node: "
+                      + "; ".join(f"{u.path} ({u.reason})" for u in opaque[:4]), stacklevel=3)
     return qm
 
 

@@ -41,10 +41,9 @@ from qdet.user_data import (
 )
 from qdet.user_model import (
     ModelFile,
-    ModelKind,
     check_outputs,
-    exported_input_shape,
     load_model,
+    model_input_shape,
 )
 
 SYNTHETIC_EVAL_IMAGES = 64  # evaluation images when there is no --data (seeded, disjoint from calibration)
@@ -91,17 +90,16 @@ def user_inputs(spec: ModelFile, *, input_size: str | None, preprocess: str | No
     """Parse `--input-size` / `--preprocess` and build the seeded calibration and evaluation sets."""
     size = parse_input_size(input_size) if input_size is not None else None
     batch = None
-    if spec.kind is ModelKind.EXPORTED:
-        found = exported_input_shape(spec)
-        if found is not None:
-            batch, shape = found
-            if size is not None and tuple(size) != tuple(shape):
-                raise ConfigError(f"--input-size {input_size}: {spec.path} was exported for inputs of shape "
-                                  f"{','.join(map(str, shape))}")
-            if len(shape) != 3:
-                raise ConfigError(f"--model-file {str(spec.path)!r}: exported for {len(shape) + 1}-D inputs; "
-                                  f"qdet feeds images (N, C, H, W)")
-            size = shape  # type: ignore[assignment]
+    found = model_input_shape(spec)  # a .pt2 / .onnx file knows the shape it was exported for
+    if found is not None:
+        batch, shape = found
+        if size is not None and tuple(size) != tuple(shape):
+            raise ConfigError(f"--input-size {input_size}: {spec.path} was exported for inputs of shape "
+                              f"{','.join(map(str, shape))}")
+        if len(shape) != 3:
+            raise ConfigError(f"--model-file {str(spec.path)!r}: exported for {len(shape) + 1}-D inputs; "
+                              f"qdet feeds images (N, C, H, W)")
+        size = shape  # type: ignore[assignment]
     size = size or DEFAULT_INPUT_SIZE
     prep = parse_preprocess(preprocess, channels=size[0])
     if data is None:

@@ -1,11 +1,14 @@
-"""Bring your own model: `--model-file file.py:build`, `model.pt2` (torch.export), and their checks.
+"""Bring your own model: `--model-file file.py:build`, `model.pt2` (torch.export), `model.onnx`, and their checks.
 
 A `.py` file is imported from its path (never by module name) and `build()` is called without
 arguments; it must return an `nn.Module`. A `.pt2` file is a `torch.export` ExportedProgram
 (`torch.export.save`); its ATen graph is turned back into ordinary modules (conv, linear and
 batch-norm on the program's own parameters become nn.Conv2d / nn.Linear / nn.BatchNorm2d, a few
 ATen ops their torch functions) so that the generic path folds and quantizes it like eager code.
-ONNX input needs an ONNX→PyTorch converter, which qdet does not have: a one-line error says so.
+An `.onnx` file is converted by onnx2torch (the `onnx` extra) into an fx graph of ordinary modules
+(Conv → nn.Conv2d, Gemm → nn.Linear, ...); the exporter's aliases of shared weights (Identity nodes
+on initializers, which onnx2torch cannot read) are resolved first. Exporters fold BatchNorm into the
+conv, so such a model arrives with no BatchNorm to fold.
 
 Every failure is a `ModelError` naming the file, the function and what went wrong, in one line.
 
@@ -21,6 +24,7 @@ import importlib.util
 import operator
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -109,10 +113,18 @@ def load_model(spec: ModelFile) -> nn.Module:
     elif spec.kind is ModelKind.EXPORTED:
         model = exported_to_module(_load_exported(spec))
     else:
-        raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs an ONNX→PyTorch converter (e.g. onnx2torch), "
-                         f"which qdet does not use yet; export the model with torch.export.save(...) as .pt2 or pass the Python "
-                         f"function that builds it (FILE.py:FUNCTION)")
+        model = onnx_to_module(_load_onnx(spec), spec)
     return model.eval()
+
+
+def model_input_shape(spec: ModelFile) -> tuple[int | None, tuple[int, ...]] | None:
+    """(batch or None when dynamic, per-sample shape) that a .pt2 or .onnx file was exported for;
+    None for Python builders, several inputs, or a dynamic spatial size (then --input-size decides)."""
+    if spec.kind is ModelKind.EXPORTED:
+        return exported_input_shape(spec)
+    if spec.kind is ModelKind.ONNX:
+        return onnx_input_shape(_load_onnx(spec))
+    return None
 
 
 def _describe(exc: BaseException, path: Path) -> str:
@@ -224,6 +236,76 @@ def exported_input_shape(spec: ModelFile) -> tuple[int | None, tuple[int, ...]] 
     if any(d < 0 for d in rest):
         return None  # dynamic spatial size: the user passes --input-size
     return (dims[0] if isinstance(dims[0], int) else None), rest
+
+
+# ---------------------------------------------------------------- ONNX files (.onnx)
+
+def _load_onnx(spec: ModelFile) -> Any:
+    _check_file(spec.path)
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs the onnx extra "
+                         f"(pip install 'qdet[onnx]')") from None
+    try:
+        return onnx.load(str(spec.path))
+    except Exception as exc:  # noqa: BLE001 -- protobuf raises several kinds on a bad file
+        raise ModelError(f"--model-file {str(spec.path)!r}: not an ONNX model that onnx can read "
+                         f"({type(exc).__name__})") from None
+
+
+def onnx_input_shape(proto: Any) -> tuple[int | None, tuple[int, ...]] | None:
+    """(batch or None when symbolic, per-sample shape) of an ONNX model's single non-weight input."""
+    weights = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) < 2 or any(d is None for d in dims[1:]):
+        return None
+    return dims[0], tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+
+
+def _inline_weight_aliases(proto: Any) -> None:
+    """Point every consumer of `Identity(initializer)` at the initializer itself, in place.
+
+    torch.onnx.export deduplicates equal weights (BN-folded biases, say) into one initializer plus
+    Identity nodes; onnx2torch looks conv weights up among the initializers only."""
+    weights = {i.name for i in proto.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in weights}
+    if not alias:
+        return
+    kept = [n for n in proto.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    for out in proto.graph.output:
+        if out.name in alias:  # a graph output that is a weight itself: keep its Identity
+            kept.append(next(n for n in proto.graph.node if n.output[0] == out.name))
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+
+
+def onnx_to_module(proto: Any, spec: ModelFile) -> nn.Module:
+    """An ONNX model as an fx.GraphModule of torch modules (onnx2torch), ready for the generic path."""
+    try:
+        import onnx2torch
+    except ImportError:
+        raise ModelError(f"--model-file {str(spec.path)!r}: ONNX input needs onnx2torch "
+                         f"(pip install 'qdet[onnx]')") from None
+    _inline_weight_aliases(proto)
+    # onnx2torch's Slice indexes with a list on every call; torch warns each time that this form is
+    # deprecated (the result is still right: the float rows match the original model). Once is enough.
+    warnings.filterwarnings("once", message="Using a non-tuple sequence for multidimensional indexing",
+                            module="onnx2torch")
+    try:
+        return onnx2torch.convert(proto)
+    except NotImplementedError as exc:  # onnx2torch: no converter for an op type / version
+        raise ModelError(f"--model-file {str(spec.path)!r}: onnx2torch cannot convert it: {' '.join(str(exc).split())[:300]}") from None
+    except Exception as exc:  # noqa: BLE001 -- malformed graphs raise anything
+        raise ModelError(f"--model-file {str(spec.path)!r}: onnx2torch failed: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
 
 
 # ATen ops whose torch function takes the same positional arguments (the rest stay ATen calls).

@@ -70,18 +70,44 @@ class UntraceableError(ConfigError):
 
 
 class _LeafTracer(fx.Tracer):
+    """fx's tracer with declared leaf types, FrozenBatchNorm2d kept whole, and weight-free modules
+    that fx cannot follow kept as one opaque node each (recorded in `opaque`, path → reason):
+    a converter's Slice/Pad op or a helper with data-dependent Python then costs only itself, not
+    the trace of everything around it. A module with parameters is never made opaque (its convs
+    must be seen; when it cannot be traced the whole trace fails and `split` takes over)."""
+
     def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.opaque: dict[str, str] = {}
+        self._opaque_ids: set[int] = set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # FrozenBatchNorm2d stays one node, so that the conv-BN fold finds it
         leaf = self.leaf_types + frozen_batchnorm_types()
-        return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+        return id(m) in self._opaque_ids or isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path) or any(True for _ in m.parameters()):
+            return super().call_module(m, forward, args, kwargs)
+        stack, calls = self.module_stack.copy(), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 -- whatever fx cannot follow inside a weight-free module
+            self.module_stack.clear()
+            self.module_stack.update(stack)  # fx does not unwind its module stack on an exception
+            self.num_calls = calls
+            self.opaque.setdefault(path, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200])
+            self._opaque_ids.add(id(m))
+            return super().call_module(m, forward, args, kwargs)
 
 
 def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
-    """Symbolically trace `module`; a clear ConfigError when its forward is not traceable."""
+    """Symbolically trace `module`; a clear ConfigError when its forward is not traceable.
+
+    Weight-free submodules that fx cannot follow become single nodes that run float; they are
+    listed in the result's `meta["opaque"]` (module path → reason)."""
     tracer = _LeafTracer(leaf_types)
     try:
         graph = tracer.trace(module)
@@ -90,7 +116,12 @@ def trace(module: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx
             f"cannot trace {type(module).__name__} for quantization ({type(exc).__name__}: {exc}); "
             "declare a smaller region or mark the offending submodule as a leaf in the adapter"
         ) from exc
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    if tracer.opaque:
+        gm.graph.eliminate_dead_code()  # what the failed attempts had recorded before they raised
+        gm.recompile()
+    gm.meta["opaque"] = dict(tracer.opaque)
+    return gm
 
 
 def _join(prefix: str, name: str) -> str:

@@ -6,7 +6,9 @@ than leave such a model float, its region is replaced by its direct children tha
 recursively, until every piece traces: the untraceable module's own code (the glue between its
 children) then runs float, and is reported with the reason, while every conv/linear inside a
 traceable child is still quantized. Children without weights (activations, a box decoder, NMS)
-simply stay float inside the glue. Containers (`nn.ModuleList`, `nn.ModuleDict`) have no forward
+simply stay float inside the glue. Inside a region that does trace, a weight-free module fx cannot
+follow (an ONNX converter's Slice with numpy indices, say) is one opaque float node (`trace`), listed
+here with `opaque=True`. Containers (`nn.ModuleList`, `nn.ModuleDict`) have no forward
 of their own and are always expanded.
 
     >>> import torch
@@ -40,6 +42,7 @@ class UntracedModule:
     path: str  # dotted module path; "(model)" for the root
     reason: str
     own_weights: int = 0  # parameters it uses directly (not through a child region): they stay float
+    opaque: bool = False  # a weight-free module kept whole as one float node inside a traced region
 
 
 class _RegionLike(Protocol):
@@ -65,8 +68,10 @@ def split_untraceable(root: nn.Module, specs: Sequence[S]) -> tuple[list[S], lis
         module = root.get_submodule(spec.path) if spec.path else root
         if not isinstance(module, _CONTAINERS):
             try:
-                trace(module, spec.leaf_modules)
+                gm = trace(module, spec.leaf_modules)
                 done.append(spec)
+                untraced += [UntracedModule(_join(spec.path, leaf), why, opaque=True)
+                             for leaf, why in gm.meta["opaque"].items()]
                 continue
             except UntraceableError as exc:
                 own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -75,6 +80,10 @@ def split_untraceable(root: nn.Module, specs: Sequence[S]) -> tuple[list[S], lis
                     for name, child in module.named_children() if _has_weights(child)]
         pending = children + pending
     return done, untraced
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _has_weights(module: nn.Module) -> bool:
