@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from qdet.errors import ConfigError
-from qdet.track import ByteTrackConfig, ByteTracker, KalmanXYAH, iou_matrix, linear_assignment, tlbr_to_xyah
-from qdet.track import byte, kalman, matching
+from qdet.track import (
+    ByteTrackConfig,
+    ByteTracker,
+    KalmanXYAH,
+    byte,
+    iou_matrix,
+    kalman,
+    linear_assignment,
+    matching,
+    tlbr_to_xyah,
+)
 
 
 @pytest.mark.parametrize("module", [kalman, matching, byte])
@@ -111,7 +120,7 @@ def test_two_walkers_keep_their_ids_and_new_tracks_need_confirmation():
 
 def test_lost_track_is_removed_after_track_buffer_and_can_be_refound_before():
     det = ([[10, 10, 50, 110]], [0.9])
-    gap = lambda n: [(np.zeros((0, 4)), [])] * n  # noqa: E731
+    gap = lambda n: [(np.zeros((0, 4)), [])] * n
     cfg = ByteTrackConfig(track_buffer=3)
     refound = _run(cfg, [det, det, *gap(3), det])
     assert refound[-1].ids.tolist() == [1]

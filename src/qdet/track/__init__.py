@@ -4,9 +4,34 @@
     >>> ByteTracker(ByteTrackConfig(track_buffer=60)).config.max_time_lost
     60
 """
-from qdet.track.byte import STAGES, ByteTrackConfig, ByteTracker, FrameTracks, Track, TrackState
+from qdet.track.byte import (
+           STAGES,
+           ByteTrackConfig,
+           ByteTracker,
+           FrameTracks,
+           Track,
+           TrackState,
+)
 from qdet.track.kalman import KalmanXYAH, tlbr_to_xyah, xyah_to_tlbr
-from qdet.track.matching import assignment_backend, fuse_score, iou_matrix, linear_assignment
+from qdet.track.matching import (
+           assignment_backend,
+           fuse_score,
+           iou_matrix,
+           linear_assignment,
+)
 
-__all__ = ["ByteTrackConfig", "ByteTracker", "FrameTracks", "Track", "TrackState", "STAGES", "KalmanXYAH",
-           "tlbr_to_xyah", "xyah_to_tlbr", "iou_matrix", "linear_assignment", "fuse_score", "assignment_backend"]
+__all__ = [
+           "STAGES",
+           "ByteTrackConfig",
+           "ByteTracker",
+           "FrameTracks",
+           "KalmanXYAH",
+           "Track",
+           "TrackState",
+           "assignment_backend",
+           "fuse_score",
+           "iou_matrix",
+           "linear_assignment",
+           "tlbr_to_xyah",
+           "xyah_to_tlbr",
+]

@@ -36,7 +36,7 @@ from qdet.errors import ConfigError
 from qdet.track.kalman import KalmanXYAH, tlbr_to_xyah, xyah_to_tlbr
 from qdet.track.matching import fuse_score, iou_matrix, linear_assignment
 
-__all__ = ["ByteTrackConfig", "ByteTracker", "TrackState", "Track", "FrameTracks", "STAGES"]
+__all__ = ["STAGES", "ByteTrackConfig", "ByteTracker", "FrameTracks", "Track", "TrackState"]
 
 STAGES = ("predict", "first_association", "second_association", "kalman_update", "other", "total")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["iou_matrix", "linear_assignment", "fuse_score", "assignment_backend"]
+__all__ = ["assignment_backend", "fuse_score", "iou_matrix", "linear_assignment"]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
