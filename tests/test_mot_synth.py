@@ -13,7 +13,7 @@ from qdet.data.mot_synth import (
     transform_boxes,
 )
 from qdet.errors import ConfigError
-from tests.conftest import require_asset
+from conftest import require_asset
 
 
 def test_windows_stay_inside_the_image_with_the_output_aspect():
