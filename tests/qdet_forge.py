@@ -6,8 +6,9 @@ behind it are what a test exercises; without re-signing, the checksum must catch
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

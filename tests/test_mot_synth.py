@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_asset
 
 from qdet.data.mot import check_frames, read_sequences
 from qdet.data.mot_synth import (
@@ -13,7 +14,6 @@ from qdet.data.mot_synth import (
     transform_boxes,
 )
 from qdet.errors import ConfigError
-from conftest import require_asset
 
 
 def test_windows_stay_inside_the_image_with_the_output_aspect():

@@ -154,3 +154,30 @@ def test_tlbr_xyah_roundtrip():
     b = np.array([[10, 20, 50, 120.0]])
     np.testing.assert_allclose(tlbr_to_xyah(b), [[30, 70, 0.4, 100]])
     np.testing.assert_allclose(kalman.xyah_to_tlbr(tlbr_to_xyah(b)), b)
+
+
+def test_kalman_general_covariance_matches_textbook_formulas():
+    # a covariance with cross terms between coordinates (not ByteTrack's block structure): the
+    # general solve path must give x + K (z − H x), P − K S Kᵀ with K = P Hᵀ S⁻¹, and F P Fᵀ + Q
+    rng = np.random.default_rng(2)
+    kf = KalmanXYAH()
+    a = rng.normal(size=(3, 8, 8))
+    cov = a @ a.transpose(0, 2, 1) + 8 * np.eye(8)
+    mean = np.column_stack([rng.uniform(50, 100, (3, 2)), rng.uniform(0.3, 1, 3), rng.uniform(50, 100, 3),
+                            rng.normal(size=(3, 4))])
+    z = mean[:, :4] + rng.normal(size=(3, 4))
+    new_mean, new_cov = kf.update(mean, cov, z)
+    F = np.eye(8)
+    F[:4, 4:] = np.eye(4)
+    p_mean, p_cov = kf.predict(mean, cov)
+    for i in range(3):
+        h = mean[i, 3]
+        R = np.diag([(h / 20) ** 2, (h / 20) ** 2, 1e-2, (h / 20) ** 2])
+        S = cov[i, :4, :4] + R
+        K = cov[i, :, :4] @ np.linalg.inv(S)
+        np.testing.assert_allclose(new_mean[i], mean[i] + K @ (z[i] - mean[i, :4]))
+        np.testing.assert_allclose(new_cov[i], cov[i] - K @ S @ K.T, atol=1e-9)
+        Q = np.diag([(h / 20) ** 2, (h / 20) ** 2, 1e-4, (h / 20) ** 2, (h / 160) ** 2, (h / 160) ** 2, 1e-10,
+                     (h / 160) ** 2])
+        np.testing.assert_allclose(p_cov[i], F @ cov[i] @ F.T + Q)
+        np.testing.assert_allclose(p_mean[i], F @ mean[i])

@@ -65,6 +65,18 @@ def _slug(label: str) -> str:
     return "_".join("".join(c if c.isalnum() else " " for c in label).split())
 
 
+def load_sequences(folder: str | Path) -> list[Any]:
+    """The sequences under `folder`, every frame checked and ground truth present (one-line errors)."""
+    from qdet.data.mot import check_frames, read_sequences
+
+    seqs = read_sequences(folder)
+    for s in seqs:
+        check_frames(s)
+        if s.gt is None:
+            raise DataError(f"{s.root}: no gt/gt.txt; `qdet track` evaluates against ground truth")
+    return seqs
+
+
 def track_job(adapter: Any, model: Any, cfg: Any, opts: TrackOptions) -> Any:
     """Quantize, lower float + int8 to `opts.runtime`, track every sequence with both, evaluate."""
     import torch
@@ -73,16 +85,12 @@ def track_job(adapter: Any, model: Any, cfg: Any, opts: TrackOptions) -> Any:
     from qdet import api
     from qdet.bench.latency import torch_threads
     from qdet.data.coco import load_image
-    from qdet.data.mot import check_frames, read_sequences, write_results
+    from qdet.data.mot import write_results
     from qdet.eval.mot import evaluate_mot
     from qdet.jobs import JobOptions, JobResult, calibration_loader, lower_float
     from qdet.track.run import track_sequence
 
-    seqs = read_sequences(opts.sequences)
-    for s in seqs:
-        check_frames(s)
-        if s.gt is None:
-            raise DataError(f"{s.root}: no gt/gt.txt; `qdet track` evaluates against ground truth")
+    seqs = load_sequences(opts.sequences)
     if opts.video_sequence is not None and opts.video_sequence not in {s.name for s in seqs}:
         raise ConfigError(f"--video-sequence {opts.video_sequence!r} is not one of: {', '.join(s.name for s in seqs)}")
     torch.manual_seed(opts.seed)
@@ -246,6 +254,7 @@ def cmd_track(args: argparse.Namespace) -> None:
     adapter = cli.resolve_adapter(args)
     if args.synthesize:
         _synthesize(args)
+    load_sequences(args.sequences)  # bad sequences fail before the model is built
     model = cli.build_model(adapter, args)
     cfg = cli.config_from_args(args)
     tracker = ByteTrackConfig(track_thresh=args.track_thresh, match_thresh=args.match_thresh,
