@@ -6,9 +6,8 @@ behind it are what a test exercises; without re-signing, the checksum must catch
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 

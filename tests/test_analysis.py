@@ -29,6 +29,7 @@ from qdet.analysis import (
     to_config,
 )
 from qdet.analysis.capture import channel_max_map
+from qdet.analysis.sensitivity import SearchStep
 from qdet.analysis.plots import (
     pick_layers,
     plot_activation_maps,
@@ -36,16 +37,7 @@ from qdet.analysis.plots import (
     plot_sqnr_bars,
 )
 from qdet.analysis.points import all_switches, quant_points, toggled
-from qdet.analysis.sensitivity import SearchStep
-from qdet.config import (
-    Format,
-    LayerOverride,
-    Observer,
-    PerChannel,
-    PerTensor,
-    QuantConfig,
-    QuantSpec,
-)
+from qdet.config import Format, LayerOverride, Observer, PerChannel, PerTensor, QuantConfig, QuantSpec
 from qdet.errors import ConfigError
 from qdet.qmodel import quantize
 from qdet.report.html import write_report

@@ -58,10 +58,11 @@ def test_missing_corrupt_and_wrong_architecture(qm, tmp_path):
 
 
 # ---- verification on load (issue 14): checksum, schema version, metadata bounds, no pickle ----
-import os
-import pickle
+import json  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
 
-from qdet_forge import edit, read, write
+from qdet_forge import edit, read, write  # noqa: E402
 
 
 @pytest.fixture

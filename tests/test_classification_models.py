@@ -8,23 +8,13 @@ import urllib.error
 import pytest
 import torch
 import torch.fx
-from conftest import require_asset
 from torch import nn
 
+from conftest import require_asset
 from qdet.errors import ConfigError, WeightsError
 from qdet.models import REGISTRY, Region, Task
-from qdet.models.cifar_resnet import (
-    CifarResNet,
-    PadShortcut,
-    cifar_resnet,
-    resnet20,
-    resnet56,
-)
-from qdet.models.classification import (
-    CifarResNetAdapter,
-    TorchvisionClassifierAdapter,
-    functionalize_inplace,
-)
+from qdet.models.cifar_resnet import CifarResNet, PadShortcut, cifar_resnet, resnet20, resnet56
+from qdet.models.classification import (CifarResNetAdapter, TorchvisionClassifierAdapter, functionalize_inplace)
 
 CIFAR_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56"]
 TV_NAMES = ["resnet18", "resnet34", "resnet50", "squeezenet1_0", "squeezenet1_1"]

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import require_asset
 
+from conftest import require_asset
 from qdet.cli import main
 
 

@@ -160,7 +160,7 @@ def test_run_yolo_on_coco_with_decoded_and_raw_outputs(tmp_path) -> None:
         assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= W + 1e-3 and y + h <= H + 1e-3
     assert max(sum(d["image_id"] == i for d in dets) for i in ds.image_ids) <= 300
     # A runtime returning raw maps (here numpy, as onnxruntime does) decoded by the float model's decode
-    raw_numpy = lambda x: [r.numpy() for r in net.forward_raw(x)]
+    raw_numpy = lambda x: [r.numpy() for r in net.forward_raw(x)]  # noqa: E731
     assert run_yolo_on_coco(raw_numpy, ds, img_size=64, conf=1e-6, decode=net.decode, progress=False) == dets
     with pytest.raises(ConfigError, match="decode"):
         run_yolo_on_coco(raw_numpy, ds, img_size=64, progress=False)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_asset
 
 import qdet
+from conftest import require_asset
 from qdet import api
 from qdet.config import QuantConfig
 from qdet.errors import ConfigError, WeightsError
@@ -428,7 +428,7 @@ def test_generic_darknet_adapter_needs_cfg_and_cli_checks_it(tmp_path, capsys):
 
 
 def test_user_cfg_quantizes_saves_and_loads_from_the_qdet_file_alone(tmp_path):
-    from qdet.cli import build_parser, resolve_adapter
+    from qdet.cli import resolve_adapter, build_parser
 
     cfg = _write(tmp_path, TOY, "toy.cfg")
     args = build_parser().parse_args(["quantize", "darknet", "--cfg", str(cfg), "--weights", "random"])
@@ -476,7 +476,7 @@ def test_fuse_leaky_mish_quantizes_only_the_activation_output_and_openvino_fuses
     adapter = api.get_adapter("darknet")
     sep = api.quantize(det, calib, QuantConfig(), adapter=adapter, progress=False)
     fused = api.quantize(det, calib, QuantConfig(fuse_leaky_mish=True), adapter=adapter, progress=False)
-    names = lambda qm: [rec.name for rec in qm.layers]
+    names = lambda qm: [rec.name for rec in qm.layers]  # noqa: E731
     assert [n for n in names(sep) if n.endswith(".act")] == ["body.layers.0.act", "body.layers.1.act"]
     assert not [n for n in names(fused) if n.endswith(".act")]
     pytest.importorskip("openvino")
@@ -497,6 +497,6 @@ def test_fuse_leaky_mish_quantizes_only_the_activation_output_and_openvino_fuses
     # fused: each activation is among the layers of its int8 Convolution kernel, nothing runs after it
     convs = [names for kind, names in ops["fused"] if kind == "Convolution"]
     assert len(convs) == 3 and all(("LeakyRelu" if act == "leaky" else "/Mul") in c for c in convs[:2])
-    n_after = lambda tag: sum(kind in ("Subgraph", "Eltwise") for kind, _ in ops[tag])
+    n_after = lambda tag: sum(kind in ("Subgraph", "Eltwise") for kind, _ in ops[tag])  # noqa: E731
     # separate: per activation a DQ → LeakyRelu → Q subgraph (mish: DQ, then the Mish in f32, then Q)
     assert n_after("separate") - n_after("fused") == {"leaky": 2, "mish": 6}[act]

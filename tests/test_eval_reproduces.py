@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import require_asset
 from torch import nn
 
+from conftest import require_asset
 from qdet import api
 from qdet.quant.quantizer import QuantConv2d, weight_codes
 
@@ -75,7 +75,7 @@ def test_float_row_is_the_float_model_not_the_loaded_int8_weights(tmp_path):
     from qdet.jobs import lower_float
 
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))  # noqa: E731
     net = make().eval()
     net(torch.randn(1, 3, 8, 8))
     for p in net.parameters():
@@ -128,7 +128,7 @@ def test_analysis_of_a_loaded_file_runs_on_the_float_weights(tmp_path):
     from qdet.quant.calibrate import quantization_disabled
 
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()  # noqa: E731
     net = make()
     for p in net.parameters():
         p.data.normal_()

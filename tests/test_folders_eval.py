@@ -6,21 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_asset
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from qdet.data.folders import (
-    CIFAR10_CLASSES,
-    IMAGENETTE_WNID_TO_IMAGENET,
-    ImageFolderDataset,
-    cifar10_folder,
-    classification_transform,
-    imagenette_folder,
-    make_loader,
-    seeded_subset,
-)
+from conftest import require_asset
+from qdet.data.folders import (CIFAR10_CLASSES, IMAGENETTE_WNID_TO_IMAGENET, ImageFolderDataset, cifar10_folder,
+                               classification_transform, imagenette_folder, make_loader, seeded_subset)
 from qdet.errors import ConfigError, DataError
 from qdet.eval.classification import TopKResult, evaluate_topk
 

@@ -19,19 +19,18 @@ import pickle
 import random
 import re
 import struct
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
-from qdet_forge import edit, read, write
 from torch import nn
 
 from qdet import artifact
 from qdet.cli import main
 from qdet.errors import QdetError
+from qdet_forge import edit, read, write
 
 SEED = 14
 NASTY_STRINGS = ["", " ", "abc", "1e", "0x10", "--", "nan", "inf", "-inf", "1,5", "½", "\u202e", "None", "[]", "{}",
@@ -844,7 +843,9 @@ def _mutated_ckpt(kind: tuple, base: dict[str, Any], state: dict[str, torch.Tens
         cfg["head"][-1][3] = kind[1]
     elif what == "row_raw":
         cfg["backbone"][kind[1]] = kind[2]
-    elif what == "text" or what == "meta_yaml":
+    elif what == "text":
+        cfg = kind[1]
+    elif what == "meta_yaml":
         cfg = kind[1]
     elif what == "names":
         meta["names"] = kind[1]

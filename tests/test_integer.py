@@ -6,7 +6,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import require_asset
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,14 +18,11 @@ from qdet.quant.integer import (
     requantize,
     rounding_right_shift,
 )
-from qdet.quant.quantizer import grid_bias
 from qdet.runtimes.base import get_runtime, runtime_names
-from qdet.runtimes.integer_export import (
-    export_integer_params,
-    float64_reference,
-    integer_params,
-    layer_agreement,
-)
+from qdet.quant.quantizer import grid_bias
+from qdet.runtimes.integer_export import export_integer_params, float64_reference, integer_params, layer_agreement
+
+from conftest import require_asset
 
 
 # ------------------------------------------------------------------ arithmetic

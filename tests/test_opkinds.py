@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from qdet.config import QuantConfig
 from qdet.qmodel import quantize
-from qdet.quant.opkinds import op_kind
+from qdet.quant.opkinds import OpKind, op_kind
 
 
 class Spellings(nn.Module):

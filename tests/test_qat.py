@@ -197,7 +197,6 @@ def test_qat_cli_on_cifar_resnet20_int8_runs_on_an_int8_runtime(tmp_path):
     import json
 
     from conftest import require_asset
-
     from qdet.cli import main
 
     require_asset("weights/cifar10_resnet20.pt")

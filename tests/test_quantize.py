@@ -5,14 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdet.config import (
-    Format,
-    LayerOverride,
-    Observer,
-    PerTensor,
-    QuantConfig,
-    ResidualPolicy,
-)
+from qdet.config import Format, LayerOverride, Observer, PerTensor, QuantConfig, ResidualPolicy
 from qdet.errors import CalibrationError, ConfigError
 from qdet.qmodel import quantize
 from qdet.quant.calibrate import quantization_disabled

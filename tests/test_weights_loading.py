@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_asset
 from torch import nn
 
+from conftest import require_asset
 from qdet.errors import WeightsError
 from qdet.models.cifar_resnet import resnet20, resnet56
 from qdet.models.weights import load_into, load_state_dict_file

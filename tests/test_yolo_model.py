@@ -7,20 +7,8 @@ import torch
 from torch import nn
 
 from qdet.errors import ConfigError, WeightsError
-from qdet.models.yolo import (
-    Activation,
-    YOLOv5,
-    load_weights,
-    load_yolov5,
-    yolov5_config,
-)
-from qdet.models.yolo.postprocess import (
-    letterbox,
-    non_max_suppression,
-    preprocess,
-    rect_shape,
-    scale_boxes,
-)
+from qdet.models.yolo import Activation, YOLOv5, load_weights, load_yolov5, yolov5_config
+from qdet.models.yolo.postprocess import letterbox, non_max_suppression, preprocess, rect_shape, scale_boxes
 from qdet.paths import assets_dir
 
 YOLOV5N = assets_dir() / "weights" / "yolov5n_v6.1_state_dict_fp16.pt"
@@ -197,7 +185,7 @@ def test_real_yolov5n_checkpoint_layout() -> None:
 
 
 # ---- model yaml schema (issue 14) ----
-from qdet.models.yolo.schema import check_model_yaml
+from qdet.models.yolo.schema import check_model_yaml  # noqa: E402
 
 
 def _edited(fn):

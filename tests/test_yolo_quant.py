@@ -3,8 +3,8 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import require_asset
 
+from conftest import require_asset
 from qdet import api
 from qdet.bench.latency import torch_threads
 from qdet.config import QuantConfig
