@@ -16,11 +16,12 @@ from qdet.track import (
     kalman,
     linear_assignment,
     matching,
+    run,
     tlbr_to_xyah,
 )
 
 
-@pytest.mark.parametrize("module", [kalman, matching, byte])
+@pytest.mark.parametrize("module", [kalman, matching, byte, run])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0
 
