@@ -77,3 +77,11 @@ def test_track_yolov5n_float_vs_int8_small(tmp_path, capsys):
     assert len(res) == 1 and res[0].read_text().strip()
     assert (tmp_path / "t.gif").stat().st_size > 0
     assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_yolo_frame_detector_docstring(one_torch_thread):
+    import doctest
+
+    from qdet.models.yolo import track
+
+    assert doctest.testmod(track).failed == 0

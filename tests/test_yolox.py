@@ -138,3 +138,11 @@ def test_quantizes_through_the_generic_path_with_decode_float():
     assert out.shape == ref.shape == (2, 84, 8)
     # decoded in float from int8 maps: box centres stay near the float ones at 64×64
     assert float((out[..., :2] - ref[..., :2]).abs().median()) < 2.0
+
+
+def test_docstring_examples():
+    import doctest
+
+    from qdet.models.yolox import adapter, model
+
+    assert doctest.testmod(model).failed == 0 and doctest.testmod(adapter).failed == 0
