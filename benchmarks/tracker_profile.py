@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,7 @@ def main() -> None:
                   f"{verdict} <= {limit} ms")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tracker_profile.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
-    png = plot(rows, args.out / "tracker_profile.png", head[:150])
+    png = plot(rows, args.out / "tracker_profile.png", textwrap.fill(head, 120))
     print(f"written: {args.out / 'tracker_profile.json'}, {png}")
 
 
