@@ -182,3 +182,9 @@ def test_kalman_general_covariance_matches_textbook_formulas():
                      (h / 160) ** 2])
         np.testing.assert_allclose(p_cov[i], F @ cov[i] @ F.T + Q)
         np.testing.assert_allclose(p_mean[i], F @ mean[i])
+
+
+def test_degenerate_detections_are_ignored():
+    boxes = np.array([[10, 10, 10, 50], [0, 0, 20, 0], [np.nan, 0, 5, 5], [10, 10, 50, 110]], float)
+    out = ByteTracker().update(boxes, np.array([0.9, 0.9, 0.9, 0.9]))
+    assert out.ids.tolist() == [1] and np.isfinite(out.boxes).all()

@@ -171,6 +171,9 @@ class ByteTracker:
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if len(boxes) != len(scores):
             raise ConfigError(f"ByteTracker.update: {len(boxes)} boxes but {len(scores)} scores")
+        # degenerate boxes (zero size after clipping at the frame edge, NaN) would give an infinite aspect
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(boxes).all(1) & np.isfinite(scores)
+        boxes, scores = boxes[ok], scores[ok]
         self.frame_id += 1
         high = scores > cfg.track_thresh
         low = (scores > cfg.low_thresh) & (scores < cfg.track_thresh)
