@@ -188,3 +188,24 @@ def test_degenerate_detections_are_ignored():
     boxes = np.array([[10, 10, 10, 50], [0, 0, 20, 0], [np.nan, 0, 5, 5], [10, 10, 50, 110]], float)
     out = ByteTracker().update(boxes, np.array([0.9, 0.9, 0.9, 0.9]))
     assert out.ids.tolist() == [1] and np.isfinite(out.boxes).all()
+
+
+def test_tracker_gives_the_same_tracks_with_lap_and_scipy(monkeypatch):
+    pytest.importorskip("lap")
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0, 500, (30, 2))
+    v = rng.uniform(-4, 4, (30, 2))
+    frames = []
+    for f in range(40):  # 30 crossing walkers, noisy boxes, mixed scores, some missed
+        p = xy + f * v
+        boxes = np.column_stack([p, p + [30, 80]]) + rng.normal(0, 1.5, (30, 4))
+        scores = rng.choice([0.9, 0.7, 0.3], 30)
+        keep = rng.uniform(size=30) > 0.1
+        frames.append((boxes[keep], scores[keep]))
+
+    def ids(backend):
+        monkeypatch.setattr(matching, "assignment_backend", lambda: backend)
+        return [o.ids.tolist() for o in _run(ByteTrackConfig(), frames)]
+
+    with_lap, with_scipy = ids("lap"), ids("scipy")
+    assert with_lap == with_scipy and sum(map(len, with_lap)) > 800
