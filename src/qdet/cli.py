@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_size(b, 1, "batch size for timing (default: 1)")
     b.add_argument("--batch", type=BATCH, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
     _add_qat_parser(sub)
+    from qdet.track_job import add_track_parser  # `qdet track` (issue 17)
+
+    add_track_parser(sub)
 
     x = sub.add_parser("export-int", help="per-layer integer parameters (M0, n, int32 bias, zero points) as JSON",
                        description="Lower a quantized model to the integer-only runtime and write, per layer, the "
@@ -731,7 +734,13 @@ def cmd_export_int(args: argparse.Namespace) -> None:
     _write_json(args, {"model": args.model, "layers": len(qm.layers), "out": str(out)})
 
 
-COMMANDS = {"qat": cmd_qat, "export-int": cmd_export_int, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze}
+def cmd_track(args: argparse.Namespace) -> None:
+    from qdet.track_job import cmd_track as run  # ByteTrack, float vs int8 (issue 17)
+
+    run(args)
+
+
+COMMANDS = {"qat": cmd_qat, "export-int": cmd_export_int, "list": cmd_list, "quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "analyze": cmd_analyze, "track": cmd_track}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
