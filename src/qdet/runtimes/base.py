@@ -78,6 +78,10 @@ class Runtime(ABC):
     def install_hint(self) -> str:
         return "pip install 'qdet[onnx]'"
 
+    def compile_graph(self, onnx_model: Any, out_spec: Any, *, name: str) -> nn.Module:
+        """A module running a whole ONNX graph (`qdet.runtimes.whole_graph`); ONNX runtimes only."""
+        raise ConfigError(f"runtime {self.name!r} cannot run a whole exported graph; use openvino or onnxruntime")
+
 
 def _has_silu(qmodel: QuantizedModel) -> bool:
     return _has_kind(qmodel, {OpKind.SILU})

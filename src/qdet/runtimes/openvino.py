@@ -161,3 +161,8 @@ class OpenVinoRuntime(Runtime):
             _, out_spec = pytree.tree_flatten(region.module(*example_inputs))
         model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True, dynamic_spatial=True)
         return OpenVinoModule(model, out_spec, threads=self.threads, name=region.path, precision=self.precision)
+
+    def compile_graph(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, name: str) -> nn.Module:
+        if not self.is_available():
+            raise RuntimeUnavailable(f"runtime {self.name!r} is not installed; {self.install_hint()}")
+        return OpenVinoModule(onnx_model, out_spec, threads=self.threads, name=name, precision=self.precision)
