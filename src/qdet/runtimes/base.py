@@ -37,6 +37,8 @@ class Runtime(ABC):
     fuses_silu: bool = False
     # Applies LeakyReLU/Mish inside its int8 conv kernel, so QuantConfig(fuse_leaky_mish=True) suits it.
     fuses_leaky_mish: bool = False
+    # Can run a whole exported detector graph (`compile_graph`): the ONNX runtimes.
+    runs_whole_graphs: bool = False
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.threads = threads

@@ -162,6 +162,8 @@ class OpenVinoRuntime(Runtime):
         model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True, dynamic_spatial=True)
         return OpenVinoModule(model, out_spec, threads=self.threads, name=region.path, precision=self.precision)
 
+    runs_whole_graphs = True
+
     def compile_graph(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, name: str) -> nn.Module:
         if not self.is_available():
             raise RuntimeUnavailable(f"runtime {self.name!r} is not installed; {self.install_hint()}")

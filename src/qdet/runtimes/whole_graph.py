@@ -19,11 +19,12 @@ output (`Detections` for the YOLO family, SSD's list of dicts).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -218,7 +219,8 @@ def export_error(model_name: str, exc: Exception) -> ConfigError:
                        "use the island path (whole_graph=False) or replace that op")
 
 
-def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGraph], *, quantized: bool) -> tuple[Any, DetectionGraph]:
+def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGraph], *, quantized: bool,
+                       name: str = "") -> tuple[Any, DetectionGraph]:
     """The detector's whole ONNX graph (QDQ regions + float decode + NMS) and its declaration."""
     from qdet.quant.calibrate import quantization_disabled
     from qdet.runtimes.onnx_export import export_region
@@ -228,7 +230,7 @@ def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGra
     whole = _Whole(graph.decoder, graph.nms).eval()
     example = _example_image(qmodel)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_native_output():
             warnings.simplefilter("ignore")
             if quantized:
                 onnx_model = export_region(whole, (example,), dynamic_batch=True, dynamic_spatial=True)
@@ -238,8 +240,31 @@ def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGra
     except ConfigError:
         raise
     except Exception as exc:  # torch.onnx's errors (UnsupportedOperatorError, SymbolicValueError, RuntimeError)
-        raise export_error(qmodel.model_name, exc) from None
+        raise export_error(name or qmodel.model_name, exc) from None
     return onnx_model, graph
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence the exporter's C++ prints (a failing export dumps its whole TorchScript graph to the
+    terminal before raising); the error raised afterwards says what matters in one line."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _example_image(qmodel: Any) -> Tensor:
@@ -254,11 +279,13 @@ def _example_image(qmodel: Any) -> Tensor:
 def lower_whole_graph(qmodel: Any, runtime: Any, adapter: GraphAdapter, *, quantized: bool = True,
                       nms: NmsSettings | None = None) -> WholeGraphModule:
     """`qmodel` as one graph on `runtime` (a `Runtime` with `compile_graph`)."""
+    if not getattr(runtime, "runs_whole_graphs", False):
+        raise ConfigError(f"runtime {runtime.name!r} cannot run a whole exported graph; use openvino or onnxruntime")
     declare = getattr(adapter, "detection_graph", None)
     if declare is None:
         raise ConfigError(f"model {adapter.name!r} declares no whole graph (its adapter has no detection_graph); "
                           "whole_graph=True covers the YOLOv5, Darknet and SSD300-ResNet50 adapters")
-    onnx_model, graph = export_whole_graph(qmodel, lambda m: declare(m, nms), quantized=quantized)
+    onnx_model, graph = export_whole_graph(qmodel, lambda m: declare(m, nms), quantized=quantized, name=adapter.name)
     _, out_spec = pytree.tree_flatten((torch.zeros(0, 7),))
     compiled = runtime.compile_graph(onnx_model, out_spec, name=f"{adapter.name} (whole graph)")
     return WholeGraphModule(compiled, graph, adapter.name).eval()
@@ -267,17 +294,26 @@ def lower_whole_graph(qmodel: Any, runtime: Any, adapter: GraphAdapter, *, quant
 # ---------------------------------------------------------------- agreement (tests, benchmarks)
 @dataclass(frozen=True)
 class Agreement:
-    """Two detectors' outputs matched per image and class (Hungarian on 1 − IoU + |Δscore|)."""
+    """Two detectors' outputs matched per image and class (Hungarian on 1 − IoU + |Δscore|; a pair
+    overlapping less than IoU 0.5 is two unmatched detections, not a bad match).
+
+    `at_cut`: unmatched detections whose score ties (within 1e-6) the lowest score of their own
+    image's list: when an image fills `max_det`, equal scores at the cut may be kept by one path and
+    dropped by the other (frequent in int8, whose scores come from 256-level maps).
+    """
 
     matched: int
     only_a: int
     only_b: int
+    at_cut: int
     min_iou: float  # over matched pairs (1.0 when none)
     max_score_diff: float  # over matched pairs (0.0 when none)
 
-    def holds(self, *, iou: float, score: float) -> bool:
-        """Every detection matched, each pair with IoU >= `iou` and scores within `score`."""
-        return self.only_a == 0 and self.only_b == 0 and self.min_iou >= iou and self.max_score_diff <= score
+    def holds(self, *, iou: float, score: float, ties_at_cut: bool = False) -> bool:
+        """Every detection matched (but ties at the cut, if allowed), each pair with IoU >= `iou`
+        and scores within `score`."""
+        unmatched = self.only_a + self.only_b - (self.at_cut if ties_at_cut else 0)
+        return unmatched == 0 and self.min_iou >= iou and self.max_score_diff <= score
 
 
 def agreement(a: list[Tensor], b: list[Tensor]) -> Agreement:
@@ -293,22 +329,28 @@ def agreement(a: list[Tensor], b: list[Tensor]) -> Agreement:
 
     if len(a) != len(b):
         raise ConfigError(f"cannot compare {len(a)} images' detections with {len(b)}")
-    matched = only_a = only_b = 0
+    matched = only_a = only_b = at_cut = 0
     min_iou, max_diff = 1.0, 0.0
     for da, db in zip(a, b):
         da, db = da.float(), db.float()
+        cut_a = float(da[:, 4].min()) if len(da) else 0.0
+        cut_b = float(db[:, 4].min()) if len(db) else 0.0
         for c in torch.cat([da[:, 5], db[:, 5]]).unique():
             pa, pb = da[da[:, 5] == c], db[db[:, 5] == c]
-            if not len(pa) or not len(pb):
-                only_a, only_b = only_a + len(pa), only_b + len(pb)
-                continue
-            iou = box_iou(pa[:, :4], pb[:, :4])
-            diff = (pa[:, 4:5] - pb[:, 4].unsqueeze(0)).abs()
-            ra, rb = linear_sum_assignment((1 - iou + diff).numpy())
+            ra = rb = np.zeros(0, dtype=np.int64)
+            if len(pa) and len(pb):
+                iou = box_iou(pa[:, :4], pb[:, :4])
+                same = (pa[:, None, :4] == pb[None, :, :4]).all(-1)
+                iou = torch.where(iou.isnan(), same.to(iou.dtype), iou)  # two equal zero-area boxes: 0/0
+                diff = (pa[:, 4:5] - pb[:, 4].unsqueeze(0)).abs()
+                ra, rb = linear_sum_assignment((1 - iou + diff).numpy())
+                real = iou.numpy()[ra, rb] >= 0.5  # the assignment pairs leftovers too: those are not matches
+                ra, rb = ra[real], rb[real]
+                min_iou = min(min_iou, float(np.min(iou.numpy()[ra, rb]))) if len(ra) else min_iou
+                max_diff = max(max_diff, float(np.max(diff.numpy()[ra, rb]))) if len(ra) else max_diff
             matched += len(ra)
-            only_a += len(pa) - len(ra)
-            only_b += len(pb) - len(rb)
-            if len(ra):
-                min_iou = min(min_iou, float(np.min(iou.numpy()[ra, rb])))
-                max_diff = max(max_diff, float(np.max(diff.numpy()[ra, rb])))
-    return Agreement(matched, only_a, only_b, min_iou, max_diff)
+            rest_a = np.setdiff1d(np.arange(len(pa)), ra)
+            rest_b = np.setdiff1d(np.arange(len(pb)), rb)
+            only_a, only_b = only_a + len(rest_a), only_b + len(rest_b)
+            at_cut += int((pa[rest_a, 4] - cut_a).abs().le(1e-6).sum()) + int((pb[rest_b, 4] - cut_b).abs().le(1e-6).sum())
+    return Agreement(matched, only_a, only_b, at_cut, min_iou, max_diff)
