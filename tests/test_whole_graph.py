@@ -23,14 +23,19 @@ from qdet.models.yolo.adapter import YoloAdapter, YoloDetector
 from qdet.models.yolo.graph import DARKNET_EVAL_NMS, YOLO_EVAL_NMS
 from qdet.models.yolo.model import YOLOv5, yolov5_config
 from qdet.models.yolo.postprocess import non_max_suppression, preprocess
-from qdet.runtimes.whole_graph import Detections, NmsSettings, agreement, select_detections
+from qdet.runtimes.whole_graph import (
+    Detections,
+    NmsSettings,
+    agreement,
+    select_detections,
+)
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RUNTIMES = ("onnxruntime", "openvino")
-FP32 = dict(iou=0.99, score=1e-3)  # the fp32 bar: matched boxes IoU >= 0.99, scores within 1e-3
+FP32 = {"iou": 0.99, "score": 1e-3}  # the fp32 bar: matched boxes IoU >= 0.99, scores within 1e-3
 # int8: the same bar, except equal scores at an image's max_det cut (int8 maps give exact ties there,
 # which either path may keep; measured: 2 of 900 detections on the tiny YOLO, onnxruntime)
 INT8 = dict(FP32, ties_at_cut=True)

@@ -23,8 +23,9 @@ import contextlib
 import copy
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -239,7 +240,7 @@ def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGra
                     onnx_model = export_region(whole, (example,), dynamic_batch=True, dynamic_spatial=True)
     except ConfigError:
         raise
-    except Exception as exc:  # torch.onnx's errors (UnsupportedOperatorError, SymbolicValueError, RuntimeError)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx's errors (UnsupportedOperatorError, SymbolicValueError, RuntimeError)
         raise export_error(name or qmodel.model_name, exc) from None
     return onnx_model, graph
 
@@ -268,11 +269,12 @@ def _quiet_native_output() -> Iterator[None]:
 
 
 def _example_image(qmodel: Any) -> Tensor:
-    """An input of the recorded shape of the region fed by the image (the first region's first input)."""
+    """One image of the recorded shape of the region fed by the image (the first region's first
+    input); batch and spatial dims are dynamic in the export anyway."""
     for shapes in qmodel.input_shapes.values():
         if shapes and len(shapes[0]) == 4:
             g = torch.Generator().manual_seed(0)
-            return torch.rand(*shapes[0], generator=g)
+            return torch.rand(1, *shapes[0][1:], generator=g)
     raise ConfigError("whole-graph export needs a region whose first input is the (B, C, H, W) image; re-quantize")
 
 

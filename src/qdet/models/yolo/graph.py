@@ -13,11 +13,15 @@ class probability (`non_max_suppression`).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from qdet.models.yolo.postprocess import xywh2xyxy
-from qdet.runtimes.whole_graph import DetectionGraph, Detections, NmsSettings, split_rows
+from qdet.runtimes.whole_graph import (
+    DetectionGraph,
+    Detections,
+    NmsSettings,
+    split_rows,
+)
 
 # `run_yolo_on_coco`'s defaults (the reference val.py) and Darknet's `detector map` settings
 YOLO_EVAL_NMS = NmsSettings(conf=0.001, iou=0.6, max_det=300)
