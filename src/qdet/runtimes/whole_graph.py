@@ -75,12 +75,16 @@ class DetectionGraph:
     decoder: x (B, 3, H, W) → (boxes (B, N, 4) x1 y1 x2 y2, scores (B, C, N)), built over the
              model's regions (exportable PyTorch: ONNX-mappable ops only);
     nms: the selection settings (the adapter's evaluation settings by default);
-    outputs: (rows (M, 7), batch size) → the adapter's per-image output.
+    outputs: (rows (M, 7), batch size) → the adapter's per-image output;
+    island_select: the island path's own output → the same per-image output with the same `nms`
+             (YOLO: PyTorch NMS on the decoded rows; SSD: identity, its forward suppresses), so
+             both paths can be timed and compared end to end.
     """
 
     decoder: nn.Module
     nms: NmsSettings
     outputs: Callable[[Tensor, int], Any]
+    island_select: Callable[[Any], Any] = lambda out: out
 
 
 class GraphAdapter(Protocol):

@@ -8,8 +8,6 @@ as constants), softmax and the same per-class selection as `boxes.postprocess`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -44,9 +42,3 @@ def ssd_graph(model: nn.Module, nms: NmsSettings | None = None) -> DetectionGrap
     post = model.post
     settings = nms or NmsSettings(conf=post.score_thresh, iou=post.iou_thresh, max_det=post.max_detections)
     return DetectionGraph(SSDBoxesScores(model), settings, to_dicts)
-
-
-def island_settings(model: Any) -> NmsSettings:
-    """The NMS settings the island path (`SSDDetector.forward`) applies."""
-    post = model.post
-    return NmsSettings(conf=post.score_thresh, iou=post.iou_thresh, max_det=post.max_detections)

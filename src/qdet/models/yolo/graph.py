@@ -44,4 +44,8 @@ class DecodedToScores(nn.Module):
 
 def yolo_family_graph(detector: nn.Module, nms: NmsSettings) -> DetectionGraph:
     """The declaration for a detector whose forward returns decoded YOLO rows; outputs `Detections`."""
-    return DetectionGraph(DecodedToScores(detector), nms, lambda rows, batch: Detections(split_rows(rows, batch), nms))
+    from qdet.models.yolo.detect import suppressed
+
+    return DetectionGraph(DecodedToScores(detector), nms, lambda rows, batch: Detections(split_rows(rows, batch), nms),
+                          lambda out: suppressed(out, None, nms.conf, nms.iou, multi_label=nms.multi_label,
+                                                 max_det=nms.max_det))
