@@ -133,6 +133,10 @@ def test_yolo_whole_graph_honours_nms_settings(tiny_yolo, yolo_lowered):
     assert agreement(ref, out).holds(**FP32)
     # best first within each image, one class per box
     assert all(bool((d[:-1, 4] >= d[1:, 4]).all()) for d in out)
+    # nothing above the threshold: every image gets an empty (0, 6), no error
+    empty = api.lower(tiny_yolo, "onnxruntime", threads=1, whole_graph=True, nms=NmsSettings(conf=0.99, iou=0.5, max_det=5))
+    with torch.no_grad():
+        assert [tuple(d.shape) for d in empty(x)] == [(0, 6)] * 3
 
 
 def test_whole_graph_is_one_runtime_graph_with_onnx_nms(yolo_lowered):
@@ -334,3 +338,38 @@ def test_whole_graph_needs_an_onnx_runtime_and_a_declaring_adapter(tiny_yolo):
         api.lower(tiny_yolo, "openvino", nms=YOLO_EVAL_NMS)
     with pytest.raises(ConfigError, match="NMS IoU threshold"):
         NmsSettings(conf=0.1, iou=0.0, max_det=3)
+
+
+# ---------------------------------------------------------------- bench: throughput, profiles, CLI
+def test_throughput_and_profiles_on_openvino(yolo_lowered):
+    from qdet.bench.pipeline import profile_islands, profile_whole, throughput
+
+    x = _images(2, (64, 64), seed=2)
+    whole, island = yolo_lowered("openvino", True, True), yolo_lowered("openvino", True, False)
+    t = throughput(whole, x, threads=1, images=8)
+    assert t.mode == "openvino async" and t.requests >= 1 and t.images == 8 and t.images_per_s > 0
+    assert throughput(island, x, threads=1, images=4).mode == "sequential"
+    stages = profile_whole(whole, x, ["body"], threads=1, repeats=2)
+    assert stages["region body"] > 0 and "selection (NMS, top-k)" in stages and "decode" in stages
+    isl = profile_islands(island, x, lambda o: _yolo_island(lambda t: o, None, YOLO_EVAL_NMS), threads=1, repeats=2)
+    assert isl["region body (OpenVINO call)"] > 0 and isl["total (wall)"] >= isl["region body (OpenVINO call)"]
+    assert island.body.forward.__name__ == "forward"  # the timing hooks are removed again
+
+
+def test_bench_cli_whole_graph_throughput(tmp_path, capsys):
+    from qdet.cli import main
+
+    cfg = tmp_path / "toy.cfg"
+    cfg.write_text(TOY_CFG)
+    assert main(["bench", "darknet", "--cfg", str(cfg), "--weights", "random", "--runtime", "openvino", "--whole-graph",
+                 "--mode", "throughput", "--batch", "2", "--calib-images", "2", "--threads", "1",
+                 "--throughput-images", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "darknet: throughput, batch 2" in out and "int8 whole graph (openvino)" in out and "openvino async" in out
+
+
+def test_bench_cli_whole_graph_of_a_classifier_is_one_error(capsys):
+    from qdet.cli import main
+
+    assert main(["bench", "resnet20", "--whole-graph", "--no-progress"]) == 2
+    assert "declares no whole graph" in capsys.readouterr().err
