@@ -87,6 +87,21 @@ class DetectionGraph:
     island_select: Callable[[Any], Any] = lambda out: out
 
 
+@dataclass
+class PerImageGraph:
+    """A declaration for a detector whose own forward is exportable end to end, selection included
+    (torchvision's Faster R-CNN: transform, anchors, proposal NMS, MultiScaleRoIAlign, post-processing).
+
+    module: (1, 3, H, W) image → flat output tensors of that image (the graph's outputs);
+    outputs: those tensors → the adapter's output for one image.
+    The graph takes one image a call (torchvision's exported detectors do); a batch loops over its images.
+    """
+
+    module: nn.Module
+    outputs: Callable[[list[Tensor]], Any]
+    num_outputs: int
+
+
 class GraphAdapter(Protocol):
     name: str
 
@@ -157,6 +172,33 @@ def select_detections(boxes: Tensor, scores: Tensor, nms: NmsSettings) -> Tensor
     return rows[keep]
 
 
+def batched_nms_graph(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """`torchvision.ops.batched_nms` as branch-free ONNX: one NonMaxSuppression over boxes offset
+    per class, kept indices by decreasing score. torchvision's own export has an `If` for the
+    empty case, for which OpenVINO 2026.4 returns one uninitialised row instead of none (measured)."""
+    offset = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max() + 1  # never a reduction over nothing
+    shifted = boxes + (idxs.to(boxes.dtype) * offset).unsqueeze(1)
+    selected = _NonMaxSuppression.apply(shifted.unsqueeze(0), scores.unsqueeze(0).unsqueeze(0), 1 << 30,
+                                        float(iou_threshold), float("-inf"))
+    keep = selected[:, 2]
+    order = torch.sort(scores.index_select(0, keep), descending=True)[1]
+    return keep[order]
+
+
+@contextlib.contextmanager
+def graph_nms() -> Iterator[None]:
+    """Inside: torchvision's detection code (which calls `torchvision.ops.boxes.batched_nms`) uses
+    `batched_nms_graph` — for exporting torchvision detectors (Faster R-CNN)."""
+    import torchvision.ops.boxes as box_ops
+
+    saved = box_ops.batched_nms
+    box_ops.batched_nms = batched_nms_graph
+    try:
+        yield
+    finally:
+        box_ops.batched_nms = saved
+
+
 def split_rows(rows: Tensor, batch: int) -> list[Tensor]:
     """(M, 7) rows → per image (n, 6) x1 y1 x2 y2 score class, in row order (best first)."""
     img = rows[:, 0].long()
@@ -224,15 +266,15 @@ def export_error(model_name: str, exc: Exception) -> ConfigError:
                        "use the island path (whole_graph=False) or replace that op")
 
 
-def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGraph], *, quantized: bool,
-                       name: str = "") -> tuple[Any, DetectionGraph]:
+def export_whole_graph(qmodel: Any, graph_of: Callable[[nn.Module], DetectionGraph | PerImageGraph], *,
+                       quantized: bool, name: str = "") -> tuple[Any, DetectionGraph | PerImageGraph]:
     """The detector's whole ONNX graph (QDQ regions + float decode + NMS) and its declaration."""
     from qdet.quant.calibrate import quantization_disabled
     from qdet.runtimes.onnx_export import export_region
 
     model = copy.deepcopy(qmodel.model).eval()
     graph = graph_of(model)
-    whole = _Whole(graph.decoder, graph.nms).eval()
+    whole = graph.module if isinstance(graph, PerImageGraph) else _Whole(graph.decoder, graph.nms).eval()
     example = _example_image(qmodel)
     try:
         with warnings.catch_warnings(), _quiet_native_output():
@@ -292,9 +334,40 @@ def lower_whole_graph(qmodel: Any, runtime: Any, adapter: GraphAdapter, *, quant
         raise ConfigError(f"model {adapter.name!r} declares no whole graph (its adapter has no detection_graph); "
                           "whole_graph=True covers the YOLOv5, Darknet and SSD300-ResNet50 adapters")
     onnx_model, graph = export_whole_graph(qmodel, lambda m: declare(m, nms), quantized=quantized, name=adapter.name)
+    if isinstance(graph, PerImageGraph):
+        _, out_spec = pytree.tree_flatten(tuple(torch.zeros(0) for _ in range(graph.num_outputs)))
+        compiled = runtime.compile_graph(onnx_model, out_spec, name=f"{adapter.name} (whole graph)")
+        return PerImageGraphModule(compiled, graph, adapter.name).eval()
     _, out_spec = pytree.tree_flatten((torch.zeros(0, 7),))
     compiled = runtime.compile_graph(onnx_model, out_spec, name=f"{adapter.name} (whole graph)")
     return WholeGraphModule(compiled, graph, adapter.name).eval()
+
+
+class PerImageGraphModule(nn.Module):
+    """A `PerImageGraph` compiled: a list of (3, H, W) images → the adapter's output per image,
+    one runtime call each (the whole detector, transform to post-processing, in that call)."""
+
+    def __init__(self, compiled: nn.Module, graph: PerImageGraph, name: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self._outputs = graph.outputs
+        self.name = name
+        self.nms = None
+
+    @property
+    def onnx_model(self) -> Any:
+        return self.compiled.onnx_model
+
+    def forward(self, images: Any) -> list[Any]:
+        if isinstance(images, Tensor):
+            images = list(images) if images.dim() == 4 else [images]
+        return [self._outputs(list(self.compiled(img.unsqueeze(0)))) for img in images]
+
+    def save(self, path: Any) -> Any:
+        return self.compiled.save(path)
+
+    def runtime_coverage(self) -> Any:
+        return self.compiled.runtime_coverage()
 
 
 # ---------------------------------------------------------------- agreement (tests, benchmarks)
