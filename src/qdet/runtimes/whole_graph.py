@@ -11,7 +11,9 @@ anchor and default-box constants are folded in by the exporter; letterbox/resize
 
 The graph's one output is (M, 7) rows `[image index, x1, y1, x2, y2, score, class]` over the
 whole batch, best first within each image; the adapter turns them into its usual per-image
-output (`Detections` for the YOLO family, SSD's list of dicts).
+output (`Detections` for the YOLO family, SSD's list of dicts). Detectors whose own code is
+exportable selection included (torchvision's Faster R-CNN) declare a `PerImageGraph` instead: their
+forward is exported as it is (one image a call), with `batched_nms_graph` for torchvision's NMS.
 
     >>> import qdet  # doctest: +SKIP
     >>> whole = qdet.lower(qm, "openvino", whole_graph=True)  # doctest: +SKIP
@@ -33,7 +35,8 @@ from torch.utils import _pytree as pytree
 
 from qdet.errors import ConfigError
 
-__all__ = ["DetectionGraph", "Detections", "NmsSettings", "WholeGraphModule", "lower_whole_graph",
+__all__ = ["Agreement", "DetectionGraph", "Detections", "NmsSettings", "PerImageGraph", "PerImageGraphModule",
+           "WholeGraphModule", "agreement", "batched_nms_graph", "graph_nms", "lower_whole_graph",
            "select_detections", "split_rows"]
 
 ROW_COLUMNS = ("image", "x1", "y1", "x2", "y2", "score", "class")
@@ -105,7 +108,7 @@ class PerImageGraph:
 class GraphAdapter(Protocol):
     name: str
 
-    def detection_graph(self, model: nn.Module, nms: NmsSettings | None = None) -> DetectionGraph: ...
+    def detection_graph(self, model: nn.Module, nms: NmsSettings | None = None) -> DetectionGraph | PerImageGraph: ...
 
 
 # ---------------------------------------------------------------- selection (exportable)
@@ -151,8 +154,8 @@ def select_detections(boxes: Tensor, scores: Tensor, nms: NmsSettings) -> Tensor
 
     >>> b = torch.tensor([[[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]])
     >>> s = torch.tensor([[[0.9, 0.8, 0.7]]])
-    >>> select_detections(b, s, NmsSettings(conf=0.1, iou=0.5, max_det=10))[:, [0, 5, 6]].tolist()
-    [[0.0, 0.8999999761581543, 0.0], [0.0, 0.699999988079071, 0.0]]
+    >>> select_detections(b, s, NmsSettings(conf=0.1, iou=0.5, max_det=10))[:, [0, 5, 6]].round(decimals=2).tolist()
+    [[0.0, 0.9, 0.0], [0.0, 0.7, 0.0]]
     """
     batch, classes, n = scores.shape[0], scores.shape[1], scores.shape[2]
     if not nms.multi_label:  # only each box's best class competes (argmax: ties go to the first, like max())
