@@ -154,7 +154,8 @@ def select_detections(boxes: Tensor, scores: Tensor, nms: NmsSettings) -> Tensor
 
     >>> b = torch.tensor([[[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]])
     >>> s = torch.tensor([[[0.9, 0.8, 0.7]]])
-    >>> select_detections(b, s, NmsSettings(conf=0.1, iou=0.5, max_det=10))[:, [0, 5, 6]].round(decimals=2).tolist()
+    >>> rows = select_detections(b, s, NmsSettings(conf=0.1, iou=0.5, max_det=10))
+    >>> [[round(v, 2) for v in r] for r in rows[:, [0, 5, 6]].tolist()]  # image, score, class
     [[0.0, 0.9, 0.0], [0.0, 0.7, 0.0]]
     """
     batch, classes, n = scores.shape[0], scores.shape[1], scores.shape[2]
