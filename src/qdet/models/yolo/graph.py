@@ -5,6 +5,7 @@ constants), which the ONNX exporter writes as graph ops; this only turns the dec
 `qdet.runtimes.whole_graph.select_detections` takes, with the island path's score: objectness ×
 class probability (`non_max_suppression`).
 
+    >>> import torch
     >>> from qdet.models.yolo.adapter import YoloAdapter
     >>> det = YoloAdapter("yolov5n").build("random")
     >>> boxes, scores = DecodedToScores(det)(torch.zeros(1, 3, 64, 64))
