@@ -414,3 +414,11 @@ def test_whole_graph_int8_runs_int8_and_stays_close(qm, val_images):
     cov = whole.runtime_coverage()
     assert cov.int8_convs == cov.convs > 0 and cov.int8_matmuls == cov.matmuls > 0, cov
     assert a.matched >= 0.95 * (a.matched + a.only_a), a
+    # the bench helpers take the per-image graph: async throughput over images, per-stage profile
+    from qdet.bench.pipeline import profile_whole, throughput
+
+    t = throughput(whole, images[:2], threads=1, images=4)
+    assert t.mode == "openvino async" and t.images == 4 and t.batch == 2
+    stages = profile_whole(whole, images[:1], list(qm.regions), threads=1, repeats=1)
+    assert stages["region backbone"] > 0 and stages["region roi_heads.box_head"] > 0, stages
+    assert stages["float rpn"] > 0 and stages["float roi_heads"] > 0, stages  # proposals + NMS, RoIAlign + post

@@ -60,30 +60,36 @@ def throughput(module: Callable[[torch.Tensor], Any], x: torch.Tensor, *, thread
     choice for `threads` threads) and fed by an `AsyncInferQueue` of its optimal request count;
     each finished request's rows are copied out. Anything else: sequential calls.
     """
-    batch = int(x.shape[0])
-    rounds = max(1, -(-images // batch))
+    # a list of (3, H, W) images: one graph call each (Faster R-CNN's per-image graph)
+    feeds_t = [img.unsqueeze(0) for img in x] if isinstance(x, (list, tuple)) else [x]
+    per_call = int(feeds_t[0].shape[0])
+    batch = len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])
+    rounds = max(1, -(-images // per_call))
     if _is_openvino_graph(module):
         import openvino as ov
 
         config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": int(threads)}
         if streams:
             config["NUM_STREAMS"] = int(streams)
-        compiled = _ov_compile(module.onnx_model, tuple(x.shape), config)
+        compiled = _ov_compile(module.onnx_model, tuple(feeds_t[0].shape), config)
         jobs = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         n_streams = int(compiled.get_property("NUM_STREAMS"))
         queue = ov.AsyncInferQueue(compiled, jobs)
         outputs: list[np.ndarray] = []
         queue.set_callback(lambda request, _: outputs.append(np.array(request.get_output_tensor(0).data, copy=True)))
-        feed = {0: np.ascontiguousarray(x.numpy(), dtype=np.float32)}
-        for _ in range(max(warmup, jobs)):
-            queue.start_async(feed)
+        feeds = [{0: np.ascontiguousarray(f.numpy(), dtype=np.float32)} for f in feeds_t]
+        if len({tuple(f.shape) for f in feeds_t}) > 1:
+            raise ConfigError("throughput: every image of the batch needs the same size (one compiled shape)")
+        for i in range(max(warmup, jobs)):
+            queue.start_async(feeds[i % len(feeds)])
         queue.wait_all()
         t = time.perf_counter()
-        for _ in range(rounds):
-            queue.start_async(feed)
+        for i in range(rounds):
+            queue.start_async(feeds[i % len(feeds)])
         queue.wait_all()
         dt = time.perf_counter() - t
-        return Throughput(rounds * batch / dt, rounds * batch, batch, jobs, n_streams, "openvino async")
+        return Throughput(rounds * per_call / dt, rounds * per_call, batch, jobs, n_streams, "openvino async")
+    rounds = max(1, -(-images // batch))
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             module(x)
@@ -106,19 +112,24 @@ def _ov_stages(infos: Any, stage_of: Callable[[str], str]) -> dict[str, float]:
 
 
 def stage_of_node(regions: list[str]) -> Callable[[str], str]:
-    """An OpenVINO node name (torch.onnx scope names) → its stage: a region, "decode" (the adapter's
-    float ops), "selection (NMS, top-k)", or "runtime-inserted" (nodes OpenVINO added, no scope)."""
+    """An OpenVINO node name (torch.onnx scope names) → its stage: a region; "decode" (the adapter's
+    decoder, YOLO/SSD); "selection (NMS, top-k)" (the shared selection); for a per-image graph
+    (Faster R-CNN) "float <submodule>" ("float rpn", "float roi_heads", "float transform"); or
+    "runtime-inserted" (nodes OpenVINO added, with no scope)."""
     scopes = [(r, f"/{r.replace('.', '/')}/") for r in sorted(regions, key=len, reverse=True)]
 
     def stage(name: str) -> str:
         for region, scope in scopes:
-            if name.startswith("/decoder/") and scope in name:
+            if scope in name:
                 return f"region {region}"
-        if name.startswith("/decoder/"):
-            return "decode"
-        if name.startswith("/"):
+        parts = name.split("/")  # "/decoder/detector/Mul_3" → ["", "decoder", "detector", "Mul_3"]
+        if not name.startswith("/"):
+            return "runtime-inserted"
+        if len(parts) <= 2:
             return "selection (NMS, top-k)"
-        return "runtime-inserted"
+        if parts[1] == "decoder":
+            return "decode"
+        return f"float {parts[2]}" if len(parts) > 3 else f"float {parts[1]}"
 
     return stage
 
@@ -127,6 +138,7 @@ def profile_whole(whole: nn.Module, x: torch.Tensor, regions: list[str], *, thre
     """Median per-stage milliseconds of a whole graph on OpenVINO (its profiler), plus "total (wall)"."""
     if not _is_openvino_graph(whole):
         raise ConfigError("--profile reads OpenVINO's profiler: use --runtime openvino")
+    x = x[0].unsqueeze(0) if isinstance(x, (list, tuple)) else x  # a per-image graph: its first image
     compiled = _ov_compile(whole.onnx_model, tuple(x.shape), {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True,
                                                               "INFERENCE_NUM_THREADS": int(threads)})
     request = compiled.create_infer_request()

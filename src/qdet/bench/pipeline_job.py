@@ -67,10 +67,8 @@ def pipeline_bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: A
         qm = api.load(args.qmodel, build_model(adapter, args.weights, args.num_classes)) if args.qmodel else api.quantize(
             model, calib, cfg, adapter=adapter, progress=opts.progress)
     runtime = resolve_runtime(opts.runtime)
-    x = timing_input(next(iter(calib)), args.batch_size)
-    if not hasattr(x, "shape"):
-        raise ConfigError(f"{adapter.name}: the whole-graph bench takes a (B, 3, H, W) batch")
-    select = adapter.detection_graph(model).island_select
+    x = timing_input(next(iter(calib)), args.batch_size)  # (B, 3, H, W), or a list of images (Faster R-CNN)
+    select = getattr(adapter.detection_graph(model), "island_select", lambda out: out)
     island_f = lower_float(adapter, model, qm, runtime, threads=opts.threads)
     island_q = api.lower(qm, runtime, threads=opts.threads)
     calls: dict[str, Any] = {"float (PyTorch eager)": lambda t: select(model(t)),
@@ -82,7 +80,7 @@ def pipeline_bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: A
         whole["int8"] = api.lower(qm, runtime, threads=opts.threads, whole_graph=True, adapter=adapter)
         calls[f"float whole graph ({runtime})"] = whole["fp32"]
         calls[f"int8 whole graph ({runtime})"] = whole["int8"]
-    batch = int(x.shape[0])
+    batch = len(x) if isinstance(x, list) else int(x.shape[0])
     rows: list[dict[str, Any]] = []
     if args.mode == "latency":
         timed = api.benchmark({k: (runtime, f, None) for k, f in calls.items()}, (x,), threads=opts.threads,
@@ -103,7 +101,8 @@ def pipeline_bench_job(args: argparse.Namespace, cfg: QuantConfig, *, adapter: A
     notes = ["end to end: network, decode and NMS (the adapter's evaluation thresholds) in every row"]
     if args.profile:
         notes += _profile_notes(qm, runtime, island_f, island_q, whole, select, x, opts)
-    title = f"{adapter.name}: {args.mode}, batch {batch}, input {tuple(x.shape[1:])}, {opts.threads} threads, {what}"
+    shape = tuple(x[0].shape) if isinstance(x, list) else tuple(x.shape[1:])
+    title = f"{adapter.name}: {args.mode}, batch {batch}, input {shape}, {opts.threads} threads, {what}"
     meta = {"model": adapter.name, "threads": opts.threads, "batch": batch, "mode": args.mode}
     return JobResult(title, rows, cols, meta, notes)
 
