@@ -401,7 +401,8 @@ def test_whole_graph_fp32_agrees_with_the_island_path(qm, val_images, runtime):
 def test_whole_graph_int8_runs_int8_and_stays_close(qm, val_images):
     """int8: the four regions stay int8 inside the whole graph; agreement with the int8 island path is
     looser than fp32 (measured on 8 images: 1 unmatched of ~88, matched IoU >= 0.78, scores within 0.17
-    on OpenVINO), so this checks the measured level, not the fp32 bar."""
+    on OpenVINO): int8 RPN objectness ties at the pre-NMS top-k cut, and torch.topk and ONNX TopK keep
+    different tied anchors. So this checks the measured level, not the fp32 bar."""
     pytest.importorskip("openvino")
     from qdet.runtimes.whole_graph import agreement
 
