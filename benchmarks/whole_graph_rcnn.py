@@ -19,10 +19,10 @@ import torch
 import qdet
 from qdet.bench.latency import torch_threads
 from qdet.eval.coco import evaluate_coco
+from qdet.eval.detection_agreement import agreement
 from qdet.models.faster_rcnn import FasterRCNNAdapter
 from qdet.models.rcnn.synthetic import SyntheticShapes, tiny_faster_rcnn, train_detector
 from qdet.models.rcnn.views import make_quantizable
-from qdet.runtimes.whole_graph import agreement
 
 SIZE, STEPS, SEED = 128, 400, 0
 

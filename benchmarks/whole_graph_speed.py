@@ -38,10 +38,10 @@ from qdet.bench.latency import measure_latencies, torch_threads
 from qdet.bench.machine import cpu_info, load_average
 from qdet.bench.pipeline import profile_islands, profile_whole, throughput
 from qdet.config import QuantConfig
+from qdet.eval.detection_agreement import agreement
 from qdet.jobs import JobOptions, calibration_loader
 from qdet.models.yolo.graph import YOLO_EVAL_NMS
 from qdet.models.yolo.postprocess import non_max_suppression
-from qdet.runtimes.whole_graph import agreement
 
 NMS = YOLO_EVAL_NMS
 

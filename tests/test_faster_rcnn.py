@@ -386,7 +386,7 @@ def test_whole_graph_fp32_agrees_with_the_island_path(qm, val_images, runtime):
     RoiAlign with the FPN level assignment, post-processing): one runtime call per image. fp32 on the
     SYNTHETIC trained detector: every detection matched, IoU >= 0.99, scores within 1e-3."""
     pytest.importorskip(runtime)
-    from qdet.runtimes.whole_graph import agreement
+    from qdet.eval.detection_agreement import agreement
 
     whole = qdet.lower(qm, runtime, quantized=False, threads=1, whole_graph=True, adapter=ADAPTER)
     island = qdet.lower(qm, runtime, quantized=False, threads=1)
@@ -404,7 +404,7 @@ def test_whole_graph_int8_runs_int8_and_stays_close(qm, val_images):
     on OpenVINO): int8 RPN objectness ties at the pre-NMS top-k cut, and torch.topk and ONNX TopK keep
     different tied anchors. So this checks the measured level, not the fp32 bar."""
     pytest.importorskip("openvino")
-    from qdet.runtimes.whole_graph import agreement
+    from qdet.eval.detection_agreement import agreement
 
     whole = qdet.lower(qm, "openvino", threads=1, whole_graph=True, adapter=ADAPTER)
     island = qdet.lower(qm, "openvino", threads=1)

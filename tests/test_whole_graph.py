@@ -14,6 +14,7 @@ from torch import nn
 from qdet import api
 from qdet.config import QuantConfig
 from qdet.errors import ConfigError
+from qdet.eval.detection_agreement import agreement
 from qdet.models.darknet.adapter import DarknetAdapter, load_darknet
 from qdet.models.darknet.cfg import parse_cfg_text
 from qdet.models.ssd.adapter import SSDResNet50Adapter
@@ -23,12 +24,7 @@ from qdet.models.yolo.adapter import YoloAdapter, YoloDetector
 from qdet.models.yolo.graph import DARKNET_EVAL_NMS, YOLO_EVAL_NMS
 from qdet.models.yolo.model import YOLOv5, yolov5_config
 from qdet.models.yolo.postprocess import non_max_suppression, preprocess
-from qdet.runtimes.whole_graph import (
-    Detections,
-    NmsSettings,
-    agreement,
-    select_detections,
-)
+from qdet.runtimes.whole_graph import Detections, NmsSettings, select_detections
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
