@@ -398,6 +398,7 @@ def test_whole_graph_fp32_agrees_with_the_island_path(qm, val_images, runtime):
     assert a.matched > 40 and a.holds(iou=0.99, score=1e-3), a
 
 
+@pytest.mark.slow
 def test_whole_graph_int8_runs_int8_and_stays_close(qm, val_images):
     """int8: the four regions stay int8 inside the whole graph; agreement with the int8 island path is
     looser than fp32 (measured on 8 images: 1 unmatched of ~88, matched IoU >= 0.78, scores within 0.17
