@@ -373,3 +373,54 @@ def test_data_kinds_name_the_folder_format(tmp_path):
         data_source(f"coco:{tmp_path / 'missing'}")
     with pytest.raises(ConfigError, match="unknown data kind"):
         data_source("voc:/nowhere")
+
+
+# ---------------------------------------------------------------- whole graph (issue 18)
+def _rows(dets):
+    return [torch.cat([d["boxes"], d["scores"][:, None], d["labels"][:, None].float()], 1) for d in dets]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_whole_graph_fp32_agrees_with_the_island_path(qm, val_images, runtime):
+    """torchvision's detector exported end to end around the regions (transform, anchors, proposal NMS,
+    RoiAlign with the FPN level assignment, post-processing): one runtime call per image. fp32 on the
+    SYNTHETIC trained detector: every detection matched, IoU >= 0.99, scores within 1e-3."""
+    pytest.importorskip(runtime)
+    from qdet.eval.detection_agreement import agreement
+
+    whole = qdet.lower(qm, runtime, quantized=False, threads=1, whole_graph=True, adapter=ADAPTER)
+    island = qdet.lower(qm, runtime, quantized=False, threads=1)
+    ops = {n.op_type for n in whole.onnx_model.graph.node}
+    assert {"RoiAlign", "NonMaxSuppression", "TopK", "Resize"} <= ops and "If" not in ops
+    images = val_images[:8]
+    with torch.no_grad():
+        a = agreement(_rows(island(images)), _rows(whole(images)))
+    assert a.matched > 40 and a.holds(iou=0.99, score=1e-3), a
+
+
+@pytest.mark.slow
+def test_whole_graph_int8_runs_int8_and_stays_close(qm, val_images):
+    """int8: the four regions stay int8 inside the whole graph; agreement with the int8 island path is
+    looser than fp32 (measured on 8 images: 1 unmatched of ~88, matched IoU >= 0.78, scores within 0.17
+    on OpenVINO): int8 RPN objectness ties at the pre-NMS top-k cut, and torch.topk and ONNX TopK keep
+    different tied anchors. So this checks the measured level, not the fp32 bar."""
+    pytest.importorskip("openvino")
+    from qdet.eval.detection_agreement import agreement
+
+    whole = qdet.lower(qm, "openvino", threads=1, whole_graph=True, adapter=ADAPTER)
+    island = qdet.lower(qm, "openvino", threads=1)
+    images = val_images[:8]
+    with torch.no_grad():
+        a = agreement(_rows(island(images)), _rows(whole(images)))
+        whole(images[:1])
+    cov = whole.runtime_coverage()
+    assert cov.int8_convs == cov.convs > 0 and cov.int8_matmuls == cov.matmuls > 0, cov
+    assert a.matched >= 0.95 * (a.matched + a.only_a), a
+    # the bench helpers take the per-image graph: async throughput over images, per-stage profile
+    from qdet.bench.pipeline import profile_whole, throughput
+
+    t = throughput(whole, images[:2], threads=1, images=4)
+    assert t.mode == "openvino async" and t.images == 4 and t.batch == 2
+    stages = profile_whole(whole, images[:1], list(qm.regions), threads=1, repeats=1)
+    assert stages["region backbone"] > 0 and stages["region roi_heads.box_head"] > 0, stages
+    assert stages["float rpn"] > 0 and stages["float roi_heads"] > 0, stages  # proposals + NMS, RoIAlign + post

@@ -165,9 +165,27 @@ def _checked(data: Iterable[Any], transform_fn: Callable[[Any], Any], expected: 
     return itertools.chain([first], it)
 
 
-def lower(qmodel: QuantizedModel, runtime: str = "onnxruntime", *, quantized: bool = True, threads: int | None = None) -> nn.Module:
-    """Run `qmodel` on a runtime; `quantized=False` gives the float baseline on that runtime."""
-    return get_runtime(runtime, threads=threads).lower(qmodel, quantized=quantized)
+def lower(qmodel: QuantizedModel, runtime: str = "onnxruntime", *, quantized: bool = True, threads: int | None = None,
+          whole_graph: bool = False, nms: Any = None, adapter: ModelAdapter | None = None) -> nn.Module:
+    """Run `qmodel` on a runtime; `quantized=False` gives the float baseline on that runtime.
+
+    whole_graph=True (detectors; openvino and onnxruntime): the int8 regions, decode, score filter
+    and NMS as ONE exported graph, one runtime call per batch (`qdet.runtimes.whole_graph`); `nms`
+    (a `NmsSettings`) overrides the adapter's evaluation thresholds; `adapter` defaults to the one
+    registered under `qmodel.model_name`. The default (False) runs the float islands in PyTorch.
+    """
+    rt = get_runtime(runtime, threads=threads)
+    if not whole_graph:
+        if nms is not None:
+            raise ConfigError("nms= applies to whole_graph=True only (the island path takes thresholds at evaluation)")
+        return rt.lower(qmodel, quantized=quantized)
+    from qdet.runtimes.whole_graph import lower_whole_graph
+
+    if adapter is None:
+        if not qmodel.model_name:
+            raise ConfigError("whole_graph=True needs the model's adapter: pass adapter= (the QuantizedModel has no model name)")
+        adapter = get_adapter(qmodel.model_name)
+    return lower_whole_graph(qmodel, rt, adapter, quantized=quantized, nms=nms)
 
 
 def evaluate(model: nn.Module | Callable[..., Any], adapter: Any, data: Any = None, *, progress: bool = True,

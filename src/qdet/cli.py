@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--qmodel", help="a .qdet file (default: quantize now)")
     _add_batch_size(b, 1, "batch size for timing (default: 1)")
     b.add_argument("--batch", type=BATCH, dest="batch_size", help=argparse.SUPPRESS)  # old spelling
+    from qdet.bench.pipeline_job import add_pipeline_options  # --mode, --whole-graph, --profile (issue 18)
+
+    add_pipeline_options(b)
     _add_qat_parser(sub)
     from qdet.track_job import add_track_parser  # `qdet track` (issue 17)
 
@@ -517,8 +520,10 @@ def stored_comparison(stored: dict[str, Any], result: Any) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from qdet.bench.compare import bench_job
+    from qdet.bench.pipeline_job import pipeline_bench_job, wants_pipeline
 
-    _emit(bench_job(args, config_from_args(args), adapter=resolve_adapter(args)), args)
+    job = pipeline_bench_job if wants_pipeline(args) else bench_job  # end to end, NMS included (issue 18)
+    _emit(job(args, config_from_args(args), adapter=resolve_adapter(args)), args)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

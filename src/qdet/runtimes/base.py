@@ -37,6 +37,8 @@ class Runtime(ABC):
     fuses_silu: bool = False
     # Applies LeakyReLU/Mish inside its int8 conv kernel, so QuantConfig(fuse_leaky_mish=True) suits it.
     fuses_leaky_mish: bool = False
+    # Can run a whole exported detector graph (`compile_graph`): the ONNX runtimes.
+    runs_whole_graphs: bool = False
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.threads = threads
@@ -77,6 +79,10 @@ class Runtime(ABC):
 
     def install_hint(self) -> str:
         return "pip install 'qdet[onnx]'"
+
+    def compile_graph(self, onnx_model: Any, out_spec: Any, *, name: str) -> nn.Module:
+        """A module running a whole ONNX graph (`qdet.runtimes.whole_graph`); ONNX runtimes only."""
+        raise ConfigError(f"runtime {self.name!r} cannot run a whole exported graph; use openvino or onnxruntime")
 
 
 def _has_silu(qmodel: QuantizedModel) -> bool:

@@ -113,3 +113,10 @@ class OnnxRuntime(Runtime):
             _, out_spec = pytree.tree_flatten(region.module(*example_inputs))
         model = export_region(_Flat(region.module, in_spec), tuple(flat_in), dynamic_batch=True, dynamic_spatial=True)
         return OrtModule(model, out_spec, threads=self.threads, name=region.path)
+
+    runs_whole_graphs = True
+
+    def compile_graph(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, name: str) -> nn.Module:
+        if not self.is_available():
+            raise RuntimeUnavailable(f"runtime {self.name!r} is not installed; {self.install_hint()}")
+        return OrtModule(onnx_model, out_spec, threads=self.threads, name=name)

@@ -126,6 +126,12 @@ class DarknetAdapter:
     def regions(self, model: nn.Module) -> list[Region]:
         return [Region("body")]
 
+    def detection_graph(self, model: nn.Module, nms: Any = None) -> Any:
+        """Whole graph (`qdet.lower(..., whole_graph=True)`): body + [yolo] decode + NMS; `nms` default: `detector map`'s."""
+        from qdet.models.yolo.graph import DARKNET_EVAL_NMS, yolo_family_graph
+
+        return yolo_family_graph(model, nms or DARKNET_EVAL_NMS)
+
     def transform_fn(self, model: nn.Module) -> Callable[[Any], torch.Tensor]:
         """(images, ids) batches → images: exactly the inference input."""
         return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch

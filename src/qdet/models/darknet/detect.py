@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import Dataset
 
 from qdet.data.coco import COCO80_TO_91, CocoDetection
-from qdet.models.yolo.postprocess import non_max_suppression
 
 LETTERBOX_GREY = 0.5  # Darknet's letterbox_image fill
 
@@ -106,7 +105,7 @@ def run_darknet_on_coco(
     above the threshold per box. `model` returns decoded (B, N, 5+nc) or raw maps (then `decode`)."""
     from tqdm import tqdm
 
-    from qdet.models.yolo.detect import predictions
+    from qdet.models.yolo.detect import suppressed
 
     results: list[dict[str, Any]] = []
     order = list(indices) if indices is not None else list(range(len(dataset)))
@@ -114,8 +113,7 @@ def run_darknet_on_coco(
         for i in tqdm(order, desc=desc, disable=not progress):
             image, meta = dataset[i]
             x, info = darknet_preprocess(image, size_wh, letter_box=letter_box)
-            pred = predictions(model(x[None]), decode)
-            det = non_max_suppression(pred.cpu(), conf, iou, multi_label=True, max_det=300)[0]
+            det = suppressed(model(x[None]), decode, conf, iou, multi_label=True, max_det=300)[0]
             if not len(det):
                 continue
             b = to_original(det[:, :4], info)

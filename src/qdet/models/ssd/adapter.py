@@ -140,6 +140,13 @@ class SSDResNet50Adapter:
     def regions(self, model: nn.Module) -> list[Region]:
         return [Region("net.feature_extractor" if self.scope is Scope.BACKBONE else "net")]
 
+    def detection_graph(self, model: nn.Module, nms: Any = None) -> Any:
+        """Whole graph (`qdet.lower(..., whole_graph=True)`): net + box decode + softmax + per-class NMS,
+        the default boxes as constants; `nms` default: the model's own `PostProcess` settings."""
+        from qdet.models.ssd.graph import ssd_graph
+
+        return ssd_graph(model, nms)
+
     def transform_fn(self, model: nn.Module) -> Callable[[Any], Tensor]:
         """(inputs, ids) batches of `SSDInputs` → the (B, 3, S, S) normalised input: exactly inference's."""
         return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch

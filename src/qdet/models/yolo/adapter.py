@@ -95,6 +95,12 @@ class YoloAdapter:
     def regions(self, model: nn.Module) -> list[Region]:
         return [Region("body")]
 
+    def detection_graph(self, model: nn.Module, nms: Any = None) -> Any:
+        """Whole graph (`qdet.lower(..., whole_graph=True)`): body + decode + NMS; `nms` default: the evaluation's."""
+        from qdet.models.yolo.graph import YOLO_EVAL_NMS, yolo_family_graph
+
+        return yolo_family_graph(model, nms or YOLO_EVAL_NMS)
+
     def transform_fn(self, model: nn.Module) -> Callable[[Any], torch.Tensor]:
         """(images, ids) batches of LetterboxedCoco → images: exactly the inference input."""
         return lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch

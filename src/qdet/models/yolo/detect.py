@@ -57,6 +57,21 @@ def predictions(output: Any, decode: Decode | None) -> torch.Tensor:
     raise ConfigError(f"cannot interpret model output {shape}: expected (B, N, 5+nc) or a list of (B, C, H, W) raw maps")
 
 
+def suppressed(output: Any, decode: Decode | None, conf: float, iou: float, *, multi_label: bool,
+               max_det: int) -> list[torch.Tensor]:
+    """Per image (n, 6) detections of a model output: NMS on decoded predictions, or a whole graph's
+    `Detections` as they are — which must have been built with these very settings."""
+    from qdet.runtimes.whole_graph import Detections, NmsSettings
+
+    if isinstance(output, Detections):
+        wanted = NmsSettings(conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
+        if output.settings != wanted:
+            raise ConfigError(f"the whole graph was built with {output.settings}, this evaluation needs {wanted}: "
+                              "lower it with nms= those settings")
+        return list(output)
+    return non_max_suppression(predictions(output, decode).cpu(), conf, iou, multi_label=multi_label, max_det=max_det)
+
+
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     """Pin torch's intra-op thread count inside the block, restoring it even on error."""
@@ -148,8 +163,7 @@ def run_yolo_on_coco(
                 infos.append(info)
                 ids.append(meta["image_id"])
             x = to_input(images).to(device)  # (B, 3, H, W)
-            pred = predictions(model_or_callable(x), decode)  # (B, N, 5+nc)
-            dets = non_max_suppression(pred.cpu(), conf, iou, multi_label=multi_label, max_det=max_det)
+            dets = suppressed(model_or_callable(x), decode, conf, iou, multi_label=multi_label, max_det=max_det)
             for det, info, image_id in zip(dets, infos, ids):
                 results += _detections(det, info, image_id, class_map)
             bar.update(len(idx))
