@@ -4,7 +4,6 @@ Tiny random detectors (SYNTHETIC weights and inputs) for each adapter that decla
 YOLOv5, Darknet, SSD300-ResNet50's detector (a tiny net with its six-map layout). The island path
 (`qdet.lower` default: regions on the runtime, decode + NMS in PyTorch) is the reference.
 """
-import math
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from qdet.errors import ConfigError
 from qdet.eval.detection_agreement import agreement
 from qdet.models.darknet.adapter import DarknetAdapter, load_darknet
 from qdet.models.darknet.cfg import parse_cfg_text
+from qdet.models.random_init import lively_init_
 from qdet.models.ssd.adapter import SSDResNet50Adapter
 from qdet.models.ssd.boxes import PostProcess
 from qdet.models.ssd.resnet50 import SSDDetector, feature_sizes
@@ -38,24 +38,9 @@ INT8 = dict(FP32, ties_at_cut=True)
 
 
 def _lively_(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """He-normal convs, random BN affine, BN statistics from one pass: PyTorch's default init makes
-    a tiny YOLO's head maps constant (every image then gives the same detections)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        model(torch.rand(*shape, generator=g))
-    return model.eval()
+    """Trained-looking random activations: PyTorch's default init makes a tiny YOLO's head maps
+    constant (every image then gives the same detections)."""
+    return lively_init_(model, shape, seed=seed).eval()
 
 
 def _images(n: int, size: tuple[int, int], seed: int) -> torch.Tensor:

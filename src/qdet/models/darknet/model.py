@@ -33,6 +33,7 @@ from qdet.models.darknet.layers import (
     Shortcut,
     YoloHead,
 )
+from qdet.models.random_init import lively_init_
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ def init_head_priors(body: DarknetBody, img_size: int = 416) -> None:
                 b[:, 5:] += math.log(0.6 / (head.classes - 0.99))
 
 
+
 def random_init_(body: DarknetBody, *, seed: int = 0, img_size: int = 128) -> DarknetBody:
     """A random model whose activations look like a trained one's, for tests and `--weights random`.
 
@@ -304,25 +306,6 @@ def random_init_(body: DarknetBody, *, seed: int = 0, img_size: int = 128) -> Da
     layer's output is roughly normalised; the heads get the objectness/class priors of
     `init_head_priors`. Deterministic for a seed.
     """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in body.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the pass below
-        was_training = body.training
-        body.train()
-        body(torch.rand(2, body.in_channels, img_size, img_size, generator=g))
-        body.train(was_training)
-        for m in body.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
+    lively_init_(body, (2, body.in_channels, img_size, img_size), seed=seed)
     init_head_priors(body, img_size)
     return body
