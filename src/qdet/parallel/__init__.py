@@ -15,8 +15,17 @@ backend's thread count, so Ray's results equal the serial ones. Results are JSON
 from qdet.parallel.backend import Backend, SerialBackend, Task, TaskError, task_seed
 from qdet.parallel.checkpoint import Checkpoint, state_fingerprint
 
-__all__ = ["Backend", "SerialBackend", "Task", "TaskError", "task_seed", "Checkpoint", "state_fingerprint",
-           "RayBackend", "make_backend"]
+__all__ = [
+    "Backend",
+    "Checkpoint",
+    "RayBackend",
+    "SerialBackend",
+    "Task",
+    "TaskError",
+    "make_backend",
+    "state_fingerprint",
+    "task_seed",
+]
 
 
 def __getattr__(name: str):  # Ray is optional: imported only when asked for

@@ -11,8 +11,9 @@ import json
 import random
 import traceback
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from qdet.errors import ConfigError, QdetError
 from qdet.parallel.checkpoint import Checkpoint
 
-__all__ = ["Task", "TaskError", "Shared", "Backend", "SerialBackend", "task_seed", "run_one", "describe"]
+__all__ = ["Backend", "SerialBackend", "Shared", "Task", "TaskError", "describe", "run_one", "task_seed"]
 
 TaskFn = Callable[..., Any]  # fn(shared, *args) -> a JSON value
 
@@ -142,13 +143,13 @@ class Backend:
         for task in tasks:
             try:
                 yield task.key, True, run_one(fn, shared.obj, task, self.threads), ""
-            except Exception as exc:  # reported with the task's name once the job is done
+            except Exception as exc:  # noqa: BLE001 - reported with the task's name once the job is done
                 yield task.key, False, describe(exc), traceback.format_exc()
 
     def close(self) -> None:
         """Release what the backend started (nothing for the serial one)."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

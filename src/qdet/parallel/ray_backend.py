@@ -12,12 +12,21 @@ whose code raises is not retried (`retry_exceptions=False`) and comes back as a 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from qdet.errors import ConfigError
-from qdet.parallel.backend import Backend, SerialBackend, Shared, Task, TaskFn, describe, run_one
+from qdet.parallel.backend import (
+    Backend,
+    SerialBackend,
+    Shared,
+    Task,
+    TaskFn,
+    describe,
+    run_one,
+)
 
-__all__ = ["RayBackend", "make_backend", "WORKER_ENV"]
+__all__ = ["WORKER_ENV", "RayBackend", "make_backend"]
 
 # what a one-thread worker needs set before torch/OpenMP start in it (torch.set_num_threads does the rest)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -99,8 +108,8 @@ class RayBackend(Backend):
                         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                         item = (key, False, describe(cause), str(exc))
                     except ray.exceptions.RayError as exc:  # worker/node lost more than max_retries times
-                        item = (key, False, f"{type(exc).__name__} after {self.max_retries} retries: "
-                                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", str(exc))
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        item = (key, False, f"{type(exc).__name__} after {self.max_retries} retries: {first}", str(exc))
                     yield item
         finally:
             for ref in pending:  # driver interrupted: do not leave tasks running

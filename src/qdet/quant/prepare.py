@@ -70,7 +70,9 @@ class UntraceableError(ConfigError):
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    # leaf_types has a default: unpickling a GraphModule (Ray ships models to its workers) re-traces its
+    # code with a subclass of the tracer it was made with, constructed without arguments
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
 
