@@ -5,6 +5,7 @@ All data here is synthetic (random tensors, random labels). The Ray tests skip w
 installed (`pip install 'qdet[ray]'`)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -14,8 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from qdet.analysis import calibration_curve, layer_sensitivity, mixed_precision_search, observer_sweep
-from qdet.analysis.task_metric import classification_metric, shard_bounds, sharded_metric
+from qdet.analysis import (
+    calibration_curve,
+    layer_sensitivity,
+    mixed_precision_search,
+    observer_sweep,
+)
+from qdet.analysis.task_metric import (
+    classification_metric,
+    shard_bounds,
+    sharded_metric,
+)
 from qdet.config import Observer, PerChannel, PerTensor, QuantConfig, QuantSpec
 from qdet.errors import ConfigError
 from qdet.parallel import Checkpoint, SerialBackend, Task, TaskError, state_fingerprint
@@ -239,12 +249,12 @@ def test_ray_calibration_studies_equal_serial(setup, ray_backend):
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         return quantize(model, [data[idx]], cfg, progress=False)
 
-    kw = dict(n_images=(2, 8), seeds=(0, 1), progress=False)
+    kw = {"n_images": (2, 8), "seeds": (0, 1), "progress": False}
     serial = calibration_curve(quantize_fn, metric, backend=SerialBackend(threads=1), **kw)
     assert calibration_curve(quantize_fn, metric, backend=ray_backend, **kw) == serial
     assert len({v for p in serial.points for v in p.values}) > 1
-    kw = dict(observers=(Observer.MINMAX, Observer.HISTOGRAM), granularities=(PerTensor(), PerChannel(0)),
-              n_images=8, seeds=(0,), progress=False)
+    kw = {"observers": (Observer.MINMAX, Observer.HISTOGRAM), "granularities": (PerTensor(), PerChannel(0)),
+          "n_images": 8, "seeds": (0,), "progress": False}
     assert observer_sweep(quantize_fn, metric, backend=ray_backend, **kw) == observer_sweep(
         quantize_fn, metric, backend=SerialBackend(threads=1), **kw)
 
@@ -296,3 +306,27 @@ def test_ray_checkpoint_resume_equals_a_fresh_serial_run(setup, ray_backend, tmp
     again = layer_sensitivity(qm, metric, batches, mode="only", progress=False, backend=ray_backend, checkpoint=resumed)
     assert again.as_rows() == serial.as_rows()
     assert serial_lines == len(lines) // 2 and len(ck.read_text().splitlines()) == len(lines)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_analyze_with_ray_writes_the_serial_json(ray_backend, tmp_path):
+    # `qdet analyze --ray auto` (here joining the module's local Ray of 2 workers) writes the JSON the
+    # serial run with --threads 1 writes (~15 s CPU per run, most of it the HTML report)
+    from conftest import require_asset
+
+    from qdet.cli import main
+
+    require_asset("weights/cifar10_resnet20.pt")
+    require_asset("cifar10/test")
+    base = ["analyze", "resnet20", "--runtime", "reference", "--calib-images", "32", "--eval-images", "100",
+            "--batches", "1", "--batch-size", "8", "--sensitivity", "skip", "--metric-top", "4", "--max-drop", "0.0",
+            "--max-float-layers", "3", "--refine", "--threads", "1", "--no-progress", "--no-eval"]
+    runs = {}
+    for name, extra in (("serial", []), ("ray", ["--ray", "auto"])):
+        out = tmp_path / name
+        assert main([*base, "--report-dir", str(out), "--json", str(out / "a.json"), *extra]) == 0
+        runs[name] = (out / "a.json").read_text()
+        assert len((out / "tasks.jsonl").read_text().splitlines()) > 4
+    assert runs["ray"] == runs["serial"]
+    assert json.loads(runs["ray"])["mixed_precision"]["kept"]  # the search ran and kept layers float
