@@ -330,3 +330,16 @@ def test_analyze_with_ray_writes_the_serial_json(ray_backend, tmp_path):
         assert len((out / "tasks.jsonl").read_text().splitlines()) > 4
     assert runs["ray"] == runs["serial"]
     assert json.loads(runs["ray"])["mixed_precision"]["kept"]  # the search ran and kept layers float
+
+
+def test_ray_sensitivity_on_a_runtime_equals_serial(setup, ray_backend):
+    # --search-runtime: each task exports and runs the toggled model on the runtime, inside the worker
+    pytest.importorskip("onnxruntime")
+    from qdet.analysis.task_metric import runtime_metric
+
+    model, _, metric = setup
+    qm = quantize(model, _batches(3, seed=5), QuantConfig(), progress=False)  # 8-bit: ONNX exports int8 only
+    on_ort = runtime_metric(metric, "onnxruntime", threads=1)
+    serial = layer_sensitivity(qm, on_ort, None, mode="only", progress=False, backend=SerialBackend(threads=1))
+    ray = layer_sensitivity(qm, on_ort, None, mode="only", progress=False, backend=ray_backend)
+    assert ray.as_rows() == serial.as_rows() and len({r["metric"] for r in serial.as_rows()}) > 1
