@@ -196,6 +196,19 @@ def quant_points_of(qm):
     return quant_points(qm)
 
 
+def test_ray_options_fail_clearly_without_ray_or_without_a_sweep(monkeypatch, capsys):
+    import argparse
+
+    from qdet.cli import main
+    from qdet.parallel.cli import backend_from_args
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the qdet[ray] extra were not installed
+    with pytest.raises(ConfigError, match=r"--ray needs Ray: pip install 'qdet\[ray\]'"):
+        backend_from_args(argparse.Namespace(ray="auto", ray_workers=0), threads=1)
+    assert main(["analyze", "resnet20", "--ray", "auto", "--no-progress"]) == 2
+    assert "--ray distributes the sensitivity sweep" in capsys.readouterr().err
+
+
 def test_shard_bounds_cover_every_unit_once():
     for units in range(1, 12):
         for shards in range(1, 6):

@@ -530,6 +530,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from qdet.jobs import calibration_loader, compare_job
     from qdet.runtimes.base import get_runtime
 
+    if args.ray and args.sensitivity == "off" and args.max_drop is None:
+        raise ConfigError("--ray distributes the sensitivity sweep and the mixed-precision search: add "
+                          "--sensitivity only|skip or --max-drop")
     adapter = resolve_adapter(args)
     check_metric_images(adapter, args.search_on)
     if args.search_runtime:
