@@ -188,7 +188,7 @@ def shard_bounds(units: int, shards: int) -> list[tuple[int, int]]:
     """`units` split into `shards` contiguous, near-equal, non-empty ranges.
 
     >>> shard_bounds(20, 3)
-    [(0, 7), (7, 14), (14, 20)]
+    [(0, 7), (7, 13), (13, 20)]
     """
     shards = max(1, min(shards, units))
     edges = [round(i * units / shards) for i in range(shards + 1)]

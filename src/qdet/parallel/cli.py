@@ -1,8 +1,8 @@
 """`--ray auto|ADDRESS` and `--ray-workers N` for the commands whose analyses fan out.
 
     >>> import argparse
-from pathlib import Path
-    >>> p = argparse.ArgumentParser(); add_ray_options(p)
+    >>> p = argparse.ArgumentParser()
+    >>> add_ray_options(p)
     >>> backend_from_args(p.parse_args([]), threads=1)
     SerialBackend(workers=1, threads=1)
 """
