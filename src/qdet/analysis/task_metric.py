@@ -213,10 +213,10 @@ class sharded_metric(TaskMetric):
         self.name = metric.name
 
     def __call__(self, model: Callable[..., Any]) -> float:
-        from qdet.parallel import Task
+        from qdet.parallel import Task as ParallelTask  # not qdet.models.base.Task (the model's task kind)
 
         bounds = shard_bounds(self.metric.shard_units, self.shards)
-        tasks = [Task(f"shard/{a}-{b}", (a, b)) for a, b in bounds]
+        tasks = [ParallelTask(f"shard/{a}-{b}", (a, b)) for a, b in bounds]
         parts = self.backend.map(_shard_task, (self.metric, model), tasks, desc="sharded evaluation",
                                  progress=self.progress)
         return self.metric.merge(parts)
