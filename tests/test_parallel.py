@@ -342,7 +342,9 @@ def test_analyze_with_ray_writes_the_serial_json(ray_backend, tmp_path):
         runs[name] = (out / "a.json").read_text()
         assert len((out / "tasks.jsonl").read_text().splitlines()) > 4
     assert runs["ray"] == runs["serial"]
-    assert json.loads(runs["ray"])["mixed_precision"]["kept"]  # the search ran and kept layers float
+    result = json.loads(runs["ray"])
+    assert len([r for r in result["sensitivity"]["rows"] if r["metric"] is not None]) == 4
+    assert {r["model"] for r in result["mixed_precision"]["summary"]} == {"float", "int8", "mixed"}
 
 
 def test_ray_sensitivity_on_a_runtime_equals_serial(setup, ray_backend):
