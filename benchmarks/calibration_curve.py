@@ -5,6 +5,8 @@ reference with the cached task metric (top-1 % for CIFAR, COCO mAP50-95 points f
 models calibrate on the bundled test folder (the only CIFAR images there are) and are evaluated on
 `--eval-images` of it; YOLO calibrates on the 160 train2017 images and is evaluated on the 158 val2017.
 `--sweep` adds activation observer × weight granularity at the largest size (seed 003's question).
+`--ray auto` runs each (size, seed) as a Ray task; with `--checkpoint FILE` finished runs are
+recorded, so a stopped study resumes where it stopped.
 
     python benchmarks/calibration_curve.py --model resnet56 --seeds 10
     python benchmarks/calibration_curve.py --model yolov5n --seeds 3 --sizes 1 8 32 64 160
@@ -31,6 +33,7 @@ from qdet.config import (
 from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader
 from qdet.models.base import Task
+from qdet.parallel import Checkpoint, state_fingerprint
 
 
 def main() -> None:
@@ -45,6 +48,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also observer × weight granularity at the largest size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/calibration_curve", help="folder for the PNG and JSON")
+    ap.add_argument("--ray", metavar="auto|ADDRESS", help="run each (size, seed) as a Ray task on 1-thread workers "
+                    "(a local Ray, or join a cluster); the same values as serial with --threads 1")
+    ap.add_argument("--ray-workers", type=int, default=0, help="with --ray auto: workers (default: the cores)")
+    ap.add_argument("--checkpoint", metavar="FILE.jsonl", help="record each finished run here; a rerun with the "
+                    "same file, model and options resumes instead of measuring again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -70,8 +78,13 @@ def main() -> None:
     t0 = time.perf_counter()
     float_metric = metric(model)
     print(f"{args.model}: float {metric.name} = {float_metric:.4f}", flush=True)
+    from qdet.parallel.ray_backend import make_backend
+
+    backend = make_backend(args.ray, workers=args.ray_workers, threads=args.threads)
+    ckpt = None if not args.checkpoint else Checkpoint(
+        args.checkpoint, state_fingerprint(model, args.observer, args.eval_images, args.calib_batch, metric.name))
     curve = calibration_curve(quantize_fn, logged_metric, n_images=sizes, seeds=range(args.seeds), cfg=base,
-                              float_metric=float_metric, metric_name=metric.name)
+                              float_metric=float_metric, metric_name=metric.name, backend=backend, checkpoint=ckpt)
     print(f"\n{metric.name} vs calibration images, {args.seeds} seeded runs per size "
           f"(observer {args.observer}, fake-quant reference; {time.perf_counter() - t0:.0f} s)")
     print(curve.table(), flush=True)
@@ -84,11 +97,13 @@ def main() -> None:
     if args.sweep:
         sweep = observer_sweep(quantize_fn, logged_metric, observers=tuple(Observer), granularities=(PerTensor(), PerChannel(0)),
                                n_images=max(sizes), seeds=range(min(args.seeds, 3)), base_cfg=base,
-                               float_metric=float_metric, metric_name=metric.name)
+                               float_metric=float_metric, metric_name=metric.name, backend=backend,
+                               checkpoint=ckpt)
         print(f"\nactivation observer × weight granularity at {max(sizes)} calibration images")
         print(sweep.table())
         sweep.plot(out / "observer_sweep.png")
         payload["sweep"] = sweep.as_rows()
+    backend.close()
     write_text_atomically(out / "calibration_curve.json", json.dumps(payload, indent=2))
     print(f"plot: {png}\njson: {out / 'calibration_curve.json'}")
 

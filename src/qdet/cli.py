@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "when --sensitivity ran, else a layer half-way through the model)")
     a.add_argument("--overlay", action="store_true",
                    help="draw the activation maps semi-transparent over the input image instead of beside it")
+    from qdet.parallel.cli import add_ray_options
+
+    add_ray_options(a)
 
     b = sub.add_parser("bench", help="size and latency, float vs int8, in one run", description="Size on disk and median latency of float and int8 on the same inputs and thread count.")
     _add_common(b)
@@ -535,6 +538,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from qdet.jobs import calibration_loader, compare_job
     from qdet.runtimes.base import get_runtime
 
+    if args.ray and args.sensitivity == "off" and args.max_drop is None:
+        raise ConfigError("--ray distributes the sensitivity sweep and the mixed-precision search: add "
+                          "--sensitivity only|skip or --max-drop")
     adapter = resolve_adapter(args)
     check_metric_images(adapter, args.search_on)
     if args.search_runtime:
@@ -557,9 +563,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     extra: dict[str, Any] = {}
     if args.max_drop is not None and args.sensitivity == "off":
         args.sensitivity = "skip"
-    if args.sensitivity != "off":
-        extra = _sensitivity_and_mixed_precision(args, adapter, model, qm, batches, transform, tables)
     out = Path(args.out or f"runs/{args.model}/analysis")
+    if args.sensitivity != "off":
+        from qdet.parallel.cli import backend_from_args
+
+        with backend_from_args(args, threads=args.threads) as backend:  # --ray: Ray tasks, else serial
+            extra = _sensitivity_and_mixed_precision(args, adapter, model, qm, batches, transform, tables, backend,
+                                                     out / "tasks.jsonl")
     images = _frames(args, adapter, qm, out, extra) if args.frames else []
     rep = analyze(qm, batches, transform, out, metric_rows=metric_rows, tables=tables, images=images,
                   title=f"qdet analysis: {args.model}", overlay=args.overlay, progress=opts.progress)
@@ -618,10 +628,12 @@ def _frames(args: argparse.Namespace, adapter: Any, qm: Any, out: Path, extra: d
 
 
 def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, model: Any, qm: Any, batches: list[Any],
-                                     transform: Any, tables: dict[str, Any]) -> dict[str, Any]:
+                                     transform: Any, tables: dict[str, Any], backend: Any,
+                                     tasks_file: Path) -> dict[str, Any]:
     """`--sensitivity` / `--max-drop`: rank layers (task metric over the top SQNR candidates), then the
     mixed-precision search; adds report tables and prints them. The metric runs in the fake-quant
-    reference or, with --search-runtime, on that runtime; on --search-on's images."""
+    reference or, with --search-runtime, on that runtime; on --search-on's images. Every measurement is
+    a task of `backend`, checkpointed to `tasks_file` (a rerun with the same model and options resumes)."""
     from qdet.analysis.costs import kept_float_rows, layer_costs
     from qdet.analysis.sensitivity import layer_sensitivity, mixed_precision_search, to_config
     from qdet.analysis.task_metric import runtime_metric, task_metric
@@ -631,7 +643,7 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
         metric = task_metric(adapter, data=args.data, eval_images=args.eval_images, seed=args.seed + 1,
                              on=args.search_on, progress=not args.no_progress)
         if args.search_runtime:
-            metric = runtime_metric(metric, args.search_runtime, threads=args.threads)
+            metric = runtime_metric(metric, args.search_runtime, threads=backend.threads or args.threads)
     elif args.max_drop is not None:
         raise ConfigError("--max-drop needs the task metric (--metric task), not --metric sqnr")
     elif args.search_runtime or args.search_on != "eval":
@@ -639,8 +651,12 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
     name = metric.name if metric is not None else "output SQNR (dB)"
     where = (f"{args.search_runtime or 'fake-quant reference'}, {args.search_on} images" if metric is not None
              else "fake-quant reference, analysis batches")
+    from qdet.parallel.cli import open_checkpoint
+
+    ckpt = open_checkpoint(args, tasks_file, qm, name, where, backend)
     sens = layer_sensitivity(qm, metric, batches, transform_fn=transform, mode=args.sensitivity,
-                             metric_top=args.metric_top or None, progress=not args.no_progress)
+                             metric_top=args.metric_top or None, progress=not args.no_progress, backend=backend,
+                             checkpoint=ckpt)
     refs = ("" if sens.float_metric is None else
             f": every layer float (the BN-folded graph) {sens.float_metric:.2f}, every layer int8 {sens.int8_metric:.2f}")
     print(f"\nsensitivity ({args.sensitivity}), ranked by {name}, measured on {where}{refs}")
@@ -654,7 +670,7 @@ def _sensitivity_and_mixed_precision(args: argparse.Namespace, adapter: Any, mod
     ranked = [r.name for r in sens.rows if r.metric is not None] or sens.ranking()
     mp = mixed_precision_search(qm, metric, sens.float_metric, args.max_drop, ranked,
                                 max_float_layers=args.max_float_layers, refine=args.refine,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, backend=backend, checkpoint=ckpt)
     x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
     kept = kept_float_rows(mp, layer_costs(model, x[:1]))
     gap = mp.float_metric - mp.int8_metric

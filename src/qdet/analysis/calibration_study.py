@@ -18,14 +18,15 @@ calibrated on a seeded subset of `n_images`) and `metric_fn(model) -> float` (hi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
-
 from qdet.config import Granularity, Observer, PerChannel, PerTensor, QuantConfig, QuantSpec
+from qdet.parallel import Backend, Checkpoint, SerialBackend, Task
 from qdet.qmodel import QuantizedModel
 from qdet.report.table import format_table
 
@@ -101,13 +102,16 @@ def calibration_curve(
     float_metric: float | None = None,
     metric_name: str = "metric",
     progress: bool = True,
+    backend: Backend | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> CalibrationCurve:
-    """Quantize with each (n, seed) and measure; `len(n_images) × len(seeds)` calibrations."""
+    """Quantize with each (n, seed) and measure; `len(n_images) × len(seeds)` calibrations, each one
+    task of `backend` (default: serial; Ray gives the same values), recorded in `checkpoint` if given."""
     cfg = cfg or QuantConfig()
-    runs = [(n, s) for n in n_images for s in seeds]
-    values: dict[int, list[float]] = {n: [] for n in n_images}
-    for n, s in tqdm(runs, desc="calibration study", disable=not progress, leave=False):
-        values[n].append(float(metric_fn(quantize_fn(n, s, cfg))))
+    tasks = [Task(f"calibration/{_cfg_key(cfg)}/n={n}/seed={s}", (n, s, cfg)) for n in n_images for s in seeds]
+    got = iter((backend or SerialBackend()).map(_quantize_and_measure, (quantize_fn, metric_fn), tasks,
+                                                desc="calibration study", progress=progress, checkpoint=checkpoint))
+    values = {n: [next(got) for _ in seeds] for n in n_images}
     return CalibrationCurve(tuple(_point(n, values[n]) for n in n_images), tuple(seeds), float_metric, metric_name)
 
 
@@ -179,8 +183,11 @@ def observer_sweep(
     float_metric: float | None = None,
     metric_name: str = "metric",
     progress: bool = True,
+    backend: Backend | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> ObserverSweep:
-    """Every activation observer × weight granularity, each quantized with `seeds` at `n_images`.
+    """Every activation observer × weight granularity, each quantized with `seeds` at `n_images`; each
+    (config, seed) is one task of `backend` (default: serial), recorded in `checkpoint` if given.
 
     >>> cfgs = [c for _, _, c in _sweep_configs(QuantConfig(), [Observer.MINMAX], [PerTensor()])]
     >>> cfgs[0].activations.observer, cfgs[0].weights.granularity
@@ -189,15 +196,24 @@ def observer_sweep(
     base = base_cfg or QuantConfig()
     rows = []
     combos = _sweep_configs(base, observers, granularities)
-    bar = tqdm(total=len(combos) * len(seeds), desc="observer sweep", disable=not progress, leave=False)
+    tasks = [Task(f"observers/{_cfg_key(cfg)}/n={n_images}/seed={s}", (n_images, s, cfg)) for _, _, cfg in combos
+             for s in seeds]
+    got = iter((backend or SerialBackend()).map(_quantize_and_measure, (quantize_fn, metric_fn), tasks,
+                                                desc="observer sweep", progress=progress, checkpoint=checkpoint))
     for obs, gran, cfg in combos:
-        vals = []
-        for s in seeds:
-            vals.append(float(metric_fn(quantize_fn(n_images, s, cfg))))
-            bar.update()
+        vals = [next(got) for _ in seeds]
         rows.append(SweepRow(obs, granularity_name(gran), statistics.fmean(vals), min(vals), max(vals), tuple(vals)))
-    bar.close()
     return ObserverSweep(tuple(rows), n_images, tuple(seeds), float_metric, metric_name)
+
+
+def _quantize_and_measure(fns: tuple[QuantizeFn, MetricFn], n: int, seed: int, cfg: QuantConfig) -> float:
+    quantize_fn, metric_fn = fns
+    return float(metric_fn(quantize_fn(n, seed, cfg)))
+
+
+def _cfg_key(cfg: QuantConfig) -> str:
+    """A short stable name of a config for task keys (the same config → the same key in every process)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _sweep_configs(base: QuantConfig, observers: Sequence[Observer],

@@ -37,6 +37,7 @@ from qdet.analysis.capture import flat_tensors
 from qdet.analysis.points import QuantPoint, quant_points, select_points, toggled
 from qdet.config import QuantConfig, parse_enum
 from qdet.errors import ConfigError
+from qdet.parallel import Backend, Checkpoint, SerialBackend, Task
 from qdet.qmodel import QuantizedModel
 from qdet.quant.calibrate import default_transform, quantization_disabled
 from qdet.report.table import format_table
@@ -130,6 +131,28 @@ def output_sqnr(qmodel: QuantizedModel, batches: Iterable[Any], transform_fn: Ca
     return _OutputSqnr(qmodel, list(batches), transform_fn)()
 
 
+@dataclass
+class SweepState:
+    """What every sensitivity / mixed-precision task needs: sent to the workers once per job."""
+
+    qmodel: QuantizedModel
+    metric_fn: MetricFn | None
+    sqnr: _OutputSqnr | None
+
+    def points(self, names: Sequence[str]) -> list[QuantPoint]:
+        by_name = {p.name: p for p in quant_points(self.qmodel)}
+        return [by_name[n] for n in names]
+
+
+def _measure(state: SweepState, names: Sequence[str], default: bool, what: str) -> list[float | None]:
+    """[metric, output SQNR] with the layers `names` switched to `not default` (everything else `default`);
+    `what` = "metric", "sqnr" or "both" says which to measure (the other is None)."""
+    with toggled(state.qmodel, state.points(names), default=default):
+        m = state.metric_fn(state.qmodel) if state.metric_fn and what != "sqnr" else None
+        s = state.sqnr() if state.sqnr and what != "metric" else None
+    return [None if m is None else float(m), s]
+
+
 def layer_sensitivity(
     qmodel: QuantizedModel,
     metric_fn: MetricFn | None,
@@ -140,6 +163,8 @@ def layer_sensitivity(
     layers: Sequence[str] | None = None,
     metric_top: int | None = None,
     progress: bool = True,
+    backend: Backend | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> SensitivityResult:
     """Measure `metric_fn(qmodel)` (higher is better) and/or the output SQNR on `batches` with one
     layer switched at a time; rank layers most sensitive first.
@@ -149,39 +174,41 @@ def layer_sensitivity(
     With `metric_top=K` (and both `metric_fn` and `batches`), every layer is first ranked by output
     SQNR (cheap) and the metric is measured only for the K layers that SQNR ranks most sensitive;
     the others follow, ranked by SQNR, with `metric=None`. All quantizer flags are restored afterwards.
+
+    Each measurement (the float and int8 references, each layer) is one task of `backend` (default:
+    serial, in this process): `qdet.parallel.RayBackend` runs them on Ray workers with the same
+    results. With `checkpoint`, finished measurements are recorded and not redone by a rerun.
     """
     mode = parse_enum(SensitivityMode, mode, "sensitivity mode")
     if metric_fn is None and batches is None:
         raise ConfigError("layer_sensitivity needs a metric_fn, batches (for output SQNR), or both")
+    backend = backend or SerialBackend()
     points = select_points(quant_points(qmodel), layers)
     sqnr = _OutputSqnr(qmodel, list(batches), transform_fn) if batches is not None else None
-    with toggled(qmodel, [], default=False):
-        float_metric = metric_fn(qmodel) if metric_fn else None
-    with toggled(qmodel, [], default=True):
-        int8_metric = metric_fn(qmodel) if metric_fn else None
-        int8_sqnr = sqnr() if sqnr else None
+    state = backend.share(SweepState(qmodel, metric_fn, sqnr))
+    skip = mode is SensitivityMode.SKIP
+    two_stage = metric_fn is not None and sqnr is not None and metric_top is not None and metric_top < len(points)
+    job = f"sensitivity/{mode.value}"
+    refs = [Task(f"{job}/float", ([], False, "metric")), Task(f"{job}/int8", ([], True, "both"))]
+    first = "sqnr" if two_stage else "both"
+    layer_tasks = [Task(f"{job}/{first}/{p.name}", ([p.name], skip, first)) for p in points]
+    out = backend.map(_measure, state, refs + layer_tasks, checkpoint=checkpoint, progress=progress,
+                      desc=f"sensitivity ({mode.value})" + (", output SQNR" if two_stage else ""))
+    (float_metric, _), (int8_metric, int8_sqnr) = out[0], out[1]
     reference = float_metric if mode is SensitivityMode.ONLY else int8_metric
     sign = 1.0 if mode is SensitivityMode.ONLY else -1.0  # ONLY: low first; SKIP: high first
-    two_stage = metric_fn is not None and sqnr is not None and metric_top is not None and metric_top < len(points)
     measured: list[tuple[QuantPoint, float | None, float | None]] = []
+    rest: list[tuple[QuantPoint, float | None]] = []
     if two_stage:
-        assert sqnr is not None
-        pre: list[tuple[QuantPoint, float | None]] = []
-        for p in tqdm(points, desc=f"sensitivity ({mode.value}), output SQNR", disable=not progress, leave=False):
-            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
-                pre.append((p, sqnr()))
+        pre = [(p, s) for p, (_, s) in zip(points, out[2:])]
         pre.sort(key=lambda item: sign * item[1] if item[1] is not None else 0.0)
         top, rest = pre[: max(metric_top or 0, 0)], pre[max(metric_top or 0, 0):]
-        for p, s in tqdm(top, desc=f"sensitivity ({mode.value}), metric", disable=not progress, leave=False):
-            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
-                measured.append((p, metric_fn(qmodel) if metric_fn else None, s))
+        tasks = [Task(f"{job}/metric/{p.name}", ([p.name], skip, "metric")) for p, _ in top]
+        got = backend.map(_measure, state, tasks, checkpoint=checkpoint, progress=progress,
+                          desc=f"sensitivity ({mode.value}), metric")
+        measured = [(p, m, s) for (p, s), (m, _) in zip(top, got)]
     else:
-        rest = []
-        for p in tqdm(points, desc=f"sensitivity ({mode.value})", disable=not progress, leave=False):
-            with toggled(qmodel, [p], default=mode is SensitivityMode.SKIP):
-                m = metric_fn(qmodel) if metric_fn else None
-                s = sqnr() if sqnr else None
-            measured.append((p, m, s))
+        measured = [(p, m, s) for p, (m, s) in zip(points, out[2:])]
 
     def key(item: tuple[QuantPoint, float | None, float | None]) -> tuple[float, float]:
         _, m, s = item
@@ -244,12 +271,16 @@ def mixed_precision_search(
     max_float_layers: int | None = None,
     refine: bool = False,
     progress: bool = True,
+    backend: Backend | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> MixedPrecisionResult:
     """Keep layers float in `ranking` order (most sensitive first) until metric ≥ float_metric − max_drop.
 
     Only layers that `to_config` can express as a skip list are candidates (region inputs and
     ".in" edge quantizers are not named by skip patterns, so they stay int8). With `refine`, each
     kept layer is then tried int8 again (last kept first) and re-quantized when the budget still holds.
+    With a `backend` of N workers, the next N candidate steps are measured at once (speculatively: the
+    result is the one-at-a-time search's, steps included); `checkpoint` records every measurement.
 
     >>> import torch, qdet
     >>> from torch import nn
@@ -260,33 +291,54 @@ def mixed_precision_search(
     """
     names = ranking.ranking() if isinstance(ranking, SensitivityResult) else list(ranking)
     points = {p.name: p for p in select_points(quant_points(qmodel), names)}
-    order = [points[n] for n in names if points[n].kind != "input"]
+    order = [points[n].name for n in names if points[n].kind != "input"]
     if max_float_layers is not None:
         order = order[:max_float_layers]
     target = float_metric - max_drop
-    with toggled(qmodel, [], default=True):
-        int8_metric = float(metric_fn(qmodel))
+    backend = backend or SerialBackend()
+    state = backend.share(SweepState(qmodel, metric_fn, None))
+
+    def metrics(configs: list[list[str]], desc: str) -> list[float]:
+        # one task per configuration (the layers kept float); the key names the configuration, so a
+        # checkpointed result is reused wherever the same configuration comes up again
+        tasks = [Task("mixed/" + "|".join(c), (c, True, "metric")) for c in configs]
+        return [float(m) for m, _ in backend.map(_measure, state, tasks, checkpoint=checkpoint, progress=False,
+                                                    desc=desc)]
+
+    int8_metric = metrics([[]], "int8")[0]
     steps = [SearchStep(0, "", int8_metric)]
-    kept: list[QuantPoint] = []
-    metric = int8_metric
-    bar = tqdm(order, desc="mixed-precision search", disable=not progress, leave=False)
-    for p in bar:
-        if metric >= target:
-            break
-        kept.append(p)
-        with toggled(qmodel, kept, default=True):
-            metric = float(metric_fn(qmodel))
-        steps.append(SearchStep(len(kept), p.name, metric))
-    bar.close()
-    if refine and metric >= target:
-        for p in list(reversed(kept)):
-            trial = [k for k in kept if k is not p]
-            with toggled(qmodel, trial, default=True):
-                m = float(metric_fn(qmodel))
+    n_kept, metric = 0, int8_metric
+    wave = max(1, backend.workers)
+    bar = tqdm(total=len(order), desc="mixed-precision search", disable=not progress, leave=False)
+    # greedy: keep order[:k] float for k = 1, 2, ... until the target is met. Each prefix is independent
+    # of the others, so a wave measures the next `workers` prefixes at once and the search stops at the
+    # first that meets the target: the same steps as one at a time, at most workers-1 extra measurements
+    while metric < target and n_kept < len(order):
+        ks = list(range(n_kept + 1, min(n_kept + wave, len(order)) + 1))
+        for k, m in zip(ks, metrics([order[:k] for k in ks], "mixed-precision search")):
+            n_kept, metric = k, m
+            steps.append(SearchStep(k, order[k - 1], m))
+            bar.update()
             if m >= target:
-                kept, metric = trial, m
-                steps.append(SearchStep(len(kept), f"-{p.name}", m))
-    return MixedPrecisionResult(tuple(p.name for p in kept), metric, float(float_metric), int8_metric,
+                break
+    bar.close()
+    kept = order[:n_kept]
+    if refine and metric >= target:
+        # try each kept layer int8 again, last kept first; a wave measures the next candidates against the
+        # current set, and everything after the first accepted one is measured again against the new set
+        todo = list(reversed(kept))
+        while todo:
+            batch = todo[:wave]
+            trials = [[k for k in kept if k != name] for name in batch]
+            results = metrics(trials, "mixed-precision refine")
+            accepted = next((i for i, m in enumerate(results) if m >= target), None)
+            if accepted is None:
+                todo = todo[len(batch):]
+                continue
+            kept, metric = trials[accepted], results[accepted]
+            steps.append(SearchStep(len(kept), f"-{batch[accepted]}", metric))
+            todo = todo[accepted + 1:]
+    return MixedPrecisionResult(tuple(kept), metric, float(float_metric), int8_metric,
                                 float(max_drop), metric >= target, tuple(steps), len(order))
 
 

@@ -33,7 +33,8 @@ from qdet.errors import ConfigError
 from qdet.eval.classification import topk_correct
 from qdet.models.base import Task
 
-__all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "runtime_metric", "check_metric_images", "task_metric"]
+__all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "runtime_metric", "sharded_metric", "shard_bounds",
+           "check_metric_images", "task_metric"]
 
 
 class TaskMetric:
@@ -57,14 +58,27 @@ class classification_metric(TaskMetric):
         if self.n == 0:
             raise ConfigError("classification metric: the evaluation set is empty")
 
-    def __call__(self, model: Callable[..., Any]) -> float:
+    @property
+    def shard_units(self) -> int:
+        """The cached batches: shards are contiguous ranges of them (`sharded_metric`)."""
+        return len(self.batches)
+
+    def shard(self, model: Callable[..., Any], start: int = 0, stop: int | None = None) -> int:
+        """Top-1 correct count over batches [start, stop)."""
         correct = 0
         with torch.inference_mode():
-            for x, y in self.batches:
+            for x, y in self.batches[start:stop]:
                 out = model(x)
                 logits = out[0] if isinstance(out, (tuple, list)) else out
                 correct += topk_correct(torch.as_tensor(logits), y, (1,))[1]
-        return 100.0 * correct / self.n
+        return int(correct)
+
+    def merge(self, parts: list[Any]) -> float:
+        """The metric from the shards' results, in shard order."""
+        return 100.0 * sum(parts) / self.n
+
+    def __call__(self, model: Callable[..., Any]) -> float:
+        return self.merge([self.shard(model)])
 
 
 @dataclass(frozen=True)
@@ -94,27 +108,43 @@ class yolo_coco_metric(TaskMetric):
             raise ConfigError("COCO metric: the evaluation set is empty")
         self.last_result: Any = None  # the full CocoResult of the last call
 
-    def detections(self, model: Callable[..., Any]) -> list[dict[str, Any]]:
-        """COCO-json detections of `model` over the cached images."""
+    @property
+    def shard_units(self) -> int:
+        """Batches of `batch_size` images: shards are contiguous ranges of whole batches, so every image
+        is run in the same batch as unsharded (batch composition can change float results)."""
+        return -(-len(self.items) // self.batch_size)
+
+    def shard(self, model: Callable[..., Any], start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """COCO-json detections of batches [start, stop)."""
+        stop = self.shard_units if stop is None else stop
+        return self.detections(model, start * self.batch_size, stop * self.batch_size)
+
+    def merge(self, parts: list[Any]) -> float:
+        """Detections of all shards concatenated (in image order) and scored once by pycocotools."""
+        from qdet.eval.coco import evaluate_coco
+
+        dets = [d for part in parts for d in part]
+        self.last_result = evaluate_coco(dets, self.dataset.annotations_json, image_ids=self.dataset.image_ids)
+        return 100.0 * float(getattr(self.last_result, self.key))
+
+    def detections(self, model: Callable[..., Any], start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """COCO-json detections of `model` over the cached images [start, stop) (default: all)."""
         from qdet.models.yolo.detect import _detections, predictions, to_input
         from qdet.models.yolo.postprocess import non_max_suppression
         from qdet.data.coco import COCO80_TO_91
 
         out: list[dict[str, Any]] = []
+        items = self.items[start:stop]
         with torch.inference_mode():
-            for k in range(0, len(self.items), self.batch_size):
-                chunk = self.items[k : k + self.batch_size]
+            for k in range(0, len(items), self.batch_size):
+                chunk = items[k : k + self.batch_size]
                 pred = predictions(model(to_input([c.image for c in chunk])), None)  # (B, N, 5+nc)
                 for det, c in zip(non_max_suppression(pred, 0.001, 0.6, multi_label=True, max_det=300), chunk):
                     out += _detections(det, c.info, c.image_id, COCO80_TO_91)
         return out
 
     def __call__(self, model: Callable[..., Any]) -> float:
-        from qdet.eval.coco import evaluate_coco
-
-        self.last_result = evaluate_coco(self.detections(model), self.dataset.annotations_json,
-                                         image_ids=self.dataset.image_ids)
-        return 100.0 * float(getattr(self.last_result, self.key))
+        return self.merge([self.detections(model)])
 
 
 class runtime_metric(TaskMetric):
@@ -147,6 +177,49 @@ class runtime_metric(TaskMetric):
             return self.metric(lowered)
         finally:
             self.metric.batch_size = saved
+
+
+def _shard_task(state: tuple[Any, Callable[..., Any]], start: int, stop: int) -> Any:
+    metric, model = state
+    return metric.shard(model, start, stop)
+
+
+def shard_bounds(units: int, shards: int) -> list[tuple[int, int]]:
+    """`units` split into `shards` contiguous, near-equal, non-empty ranges.
+
+    >>> shard_bounds(20, 3)
+    [(0, 7), (7, 13), (13, 20)]
+    """
+    shards = max(1, min(shards, units))
+    edges = [round(i * units / shards) for i in range(shards + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class sharded_metric(TaskMetric):
+    """`metric` evaluated as image shards on `backend` (one task per shard), the shards' results merged
+    and scored once: COCO detections concatenated and scored by pycocotools (not averaged per shard),
+    top-1 correct counts summed. Equals `metric(model)`: every image is run in the same batch.
+
+        value = sharded_metric(task_metric(adapter), RayBackend("auto"))(model)
+    """
+
+    def __init__(self, metric: TaskMetric, backend: Any, *, shards: int | None = None,
+                 progress: bool = False) -> None:
+        if not hasattr(metric, "shard"):
+            raise ConfigError(f"sharded evaluation: {type(metric).__name__} cannot be split into image shards "
+                              "(top-1 and YOLO COCO metrics can)")
+        self.metric, self.backend, self.progress = metric, backend, progress
+        self.shards = shards or backend.workers
+        self.name = metric.name
+
+    def __call__(self, model: Callable[..., Any]) -> float:
+        from qdet.parallel import Task as ParallelTask  # not qdet.models.base.Task (the model's task kind)
+
+        bounds = shard_bounds(self.metric.shard_units, self.shards)
+        tasks = [ParallelTask(f"shard/{a}-{b}", (a, b)) for a, b in bounds]
+        parts = self.backend.map(_shard_task, (self.metric, model), tasks, desc="sharded evaluation",
+                                 progress=self.progress)
+        return self.metric.merge(parts)
 
 
 def check_metric_images(adapter: Any, on: str) -> None:

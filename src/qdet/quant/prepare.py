@@ -76,7 +76,9 @@ class _LeafTracer(fx.Tracer):
     the trace of everything around it. A module with parameters is never made opaque (its convs
     must be seen; when it cannot be traced the whole trace fails and `split` takes over)."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    # leaf_types has a default: unpickling a GraphModule (Ray ships models to its workers) re-traces its
+    # code with a subclass of the tracer it was made with, constructed without arguments
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.opaque: dict[str, str] = {}

@@ -1,0 +1,63 @@
+"""`--ray auto|ADDRESS` and `--ray-workers N` for the commands whose analyses fan out.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser()
+    >>> add_ray_options(p)
+    >>> backend_from_args(p.parse_args([]), threads=1)
+    SerialBackend(workers=1, threads=1)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qdet.parallel.backend import Backend, SerialBackend
+from qdet.parallel.checkpoint import Checkpoint, state_fingerprint
+
+__all__ = ["add_ray_options", "backend_from_args", "open_checkpoint"]
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="run the sensitivity / mixed-precision measurements as Ray tasks: 'auto' starts a local "
+                        "Ray (one 1-thread worker per core, or --ray-workers), an address (HOST:PORT, ray://...) "
+                        "joins that cluster; results equal the serial run with --threads 1 (needs qdet[ray])")
+    p.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                   help="with --ray auto: worker processes of the local Ray (default: the number of cores)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="measure everything again instead of reusing the measurements checkpointed in the report "
+                        "folder's tasks.jsonl by an earlier (or interrupted) run with the same model and options")
+
+
+def backend_from_args(args: argparse.Namespace, *, threads: int | None) -> Backend:
+    """The backend `--ray` asks for: serial in this process with `threads` torch threads when absent."""
+    address: Any = getattr(args, "ray", None)
+    if not address:
+        return SerialBackend(threads=threads)
+    from qdet.errors import ConfigError
+    from qdet.parallel.ray_backend import RayBackend
+
+    if args.ray_workers < 0 or (args.ray_workers and address != "auto"):
+        raise ConfigError("--ray-workers: a positive number, and only with --ray auto (a cluster has its own CPUs)")
+    return RayBackend(address, workers=args.ray_workers)
+
+
+def open_checkpoint(args: argparse.Namespace, path: Path, qmodel: Any, *what: Any) -> Checkpoint:
+    """The checkpoint of this run's measurements: namespaced by the quantized model's state, the
+    measurement (`what`: metric, images, ...) and the options that change the numbers, so a run with
+    another model or options never reuses them. `--no-resume` starts the file afresh."""
+    from qdet import __version__
+
+    if getattr(args, "no_resume", False) and path.exists():
+        path.unlink()
+    options = {k: getattr(args, k, None) for k in ("model", "weights", "data", "seed", "eval_images", "batches",
+                                                   "batch_size", "metric", "metric_top", "search_on",
+                                                   "search_runtime", "sensitivity")}
+    backend = next((w for w in what if isinstance(w, Backend)), None)
+    if backend is not None:  # the thread count changes float sums: part of what is measured
+        what = tuple(w for w in what if w is not backend) + (f"threads={backend.threads}",)
+    ck = Checkpoint(path, state_fingerprint(qmodel, __version__, sorted(options.items()), *what))
+    if ck.resumed:
+        print(f"resuming: {ck.resumed} measurement(s) already in {path} (--no-resume to measure again)")
+    return ck
