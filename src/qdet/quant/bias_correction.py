@@ -128,7 +128,7 @@ def clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, lo: float | None,
 
 def analytic_input_means(gm: fx.GraphModule) -> dict[nn.Module, torch.Tensor]:
     """Data-free E[x] per channel of each quantized conv/linear's input, from the BN statistics
-    of the conv producing it (through quantizers and one ReLU/ReLU6/identity): the analytic
+    of the conv producing it (through quantizers and one ReLU/ReLU6/LeakyReLU/identity): the analytic
     variant of bias correction (Nagel et al. 2019). Layers fed by anything else are left out."""
     from qdet.quant.fusion import bn_stats
     from qdet.quant.opkinds import OpKind, op_kind
@@ -140,24 +140,34 @@ def analytic_input_means(gm: fx.GraphModule) -> dict[nn.Module, torch.Tensor]:
         mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if not isinstance(mod, (QuantConv2d, QuantLinear)) or not node.args:
             continue
-        src, bounds = node.args[0], (None, None)
+        src, bounds, slope = node.args[0], (None, None), None
         while isinstance(src, fx.Node):
             m = gm.get_submodule(str(src.target)) if src.op == "call_module" else None
             if isinstance(m, (Quantizer, TiedQuantizer)):
                 src = src.args[0]
                 continue
             kind = op_kind(src, gm)
-            if kind is OpKind.IDENTITY or (kind in clips and bounds == (None, None)
-                                           and not isinstance(m, (QuantConv2d, QuantLinear))):
-                bounds = clips[kind] if kind is not OpKind.IDENTITY else bounds
+            if kind is OpKind.IDENTITY:
                 src = src.args[0]
                 continue
+            if bounds == (None, None) and slope is None and not isinstance(m, (QuantConv2d, QuantLinear)):
+                if kind in clips:
+                    bounds = clips[kind]
+                    src = src.args[0]
+                    continue
+                if kind is OpKind.LEAKY_RELU and isinstance(m, nn.LeakyReLU):
+                    slope = float(m.negative_slope)
+                    src = src.args[0]
+                    continue
             break
         producer = gm.get_submodule(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
         stats = bn_stats(producer) if producer is not None else None
         if stats is None:
             continue
         mean = clipped_normal_mean(stats[0], stats[1], *bounds)
+        if slope is not None:  # LeakyReLU(y) = ReLU(y) + slope · min(y, 0), E[min(y, 0)] = μ − E[ReLU(y)]
+            relu = clipped_normal_mean(stats[0], stats[1], 0.0, None)
+            mean = relu + slope * (stats[0].double() - relu)
         channels = mod.in_channels if isinstance(mod, QuantConv2d) else mod.in_features
         if mean.numel() == channels:
             out[mod] = mean

@@ -40,7 +40,7 @@ from qdet.config import BiasCorrectionMode, PTQAlgorithms
 from qdet.quant.adaround import adaround_layer
 from qdet.quant.calibrate import default_transform, fit_biases_in_int32
 from qdet.quant.opkinds import OpKind, op_kind
-from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
+from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer, grid_bias
 
 
 @dataclass
@@ -203,7 +203,9 @@ def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dic
         shift = _channel_means(_first_images_list(ref, limit)) - _channel_means(_first_images_list(outs, limit))
         if mod.bias is None:
             mod.bias = nn.Parameter(torch.zeros(shift.numel(), dtype=mod.weight.dtype))
-        mod.bias.add_(shift.to(mod.bias.dtype))
+        # the shift was measured with the bias the kernel adds (snapped to the int32 grid): correct that one,
+        # so that snapping the result again leaves at most half a grid step
+        mod.bias.copy_(grid_bias(mod).detach() + shift.to(mod.bias.dtype))
         step.mean_shift = float(shift.abs().max())
         step.sqnr_bias_corrected = sqnr_db(ref, quant_out())
     return step
