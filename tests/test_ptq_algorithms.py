@@ -9,14 +9,25 @@ import torch
 from torch import fx, nn
 
 import qdet
-from qdet.config import (AdaRound, BiasCorrection, BiasCorrectionMode, PTQAlgorithms, QuantConfig,
-                         default_weight_spec)
+from qdet.config import (
+    AdaRound,
+    BiasCorrection,
+    BiasCorrectionMode,
+    PTQAlgorithms,
+    QuantConfig,
+    default_weight_spec,
+)
 from qdet.errors import ConfigError
 from qdet.quant.adaround import adaround_layer
 from qdet.quant.calibrate import quantization_disabled
 from qdet.quant.equalize import equalize
 from qdet.quant.fusion import fold_batchnorms
-from qdet.quant.quantizer import QuantConv2d, QuantLinear, make_weight_quantizer, weight_codes
+from qdet.quant.quantizer import (
+    QuantConv2d,
+    QuantLinear,
+    make_weight_quantizer,
+    weight_codes,
+)
 
 
 def _randomise_bn(net: nn.Module) -> nn.Module:
@@ -78,7 +89,7 @@ def test_cle_keeps_the_float_function_and_equalises_ranges() -> None:
     assert [(p.first, p.second) for p in pairs] == [("0", "3"), ("3", "6"), ("6", "8")]  # relu6 chain left alone
     assert torch.allclose(gm(x), ref, atol=1e-5, rtol=0)
     after = _out_ranges(gm)
-    spread = lambda r: float(r.max() / r.min())  # noqa: E731
+    spread = lambda r: float(r.max() / r.min())
     assert spread(after["0"]) < 0.1 * spread(before["0"])
     # both sides of an equalized pair have the same range per channel: r1_c = max_o |W2[o, c]|
     w3 = gm.get_submodule("3").weight.detach().abs().reshape(16, -1).amax(1)
@@ -97,7 +108,7 @@ def test_cle_in_quantize_is_exact_in_float_and_reloads() -> None:
         assert torch.allclose(qm(x), net(x), atol=1e-5, rtol=0)
     plain = qdet.quantize(net, [x], QuantConfig(weights=default_weight_spec(qdet.PerTensor())), progress=False)
     with torch.no_grad():  # per-tensor weights: equalized ranges lose less
-        err = lambda m: float((m(x) - net(x)).pow(2).mean())  # noqa: E731
+        err = lambda m: float((m(x) - net(x)).pow(2).mean())
         assert err(qm) < err(plain)
     loaded = qdet.load(qdet.save(qm, Path(tempfile.mkdtemp()) / "cle.qdet"), net)
     with torch.no_grad():

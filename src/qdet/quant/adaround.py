@@ -17,7 +17,7 @@ from round-to-nearest.
     >>> from torch import nn
     >>> from qdet.config import AdaRound, default_weight_spec
     >>> from qdet.quant.quantizer import make_weight_quantizer
-    >>> torch.manual_seed(0); conv = nn.Conv2d(4, 8, 3)
+    >>> _ = torch.manual_seed(0); conv = nn.Conv2d(4, 8, 3)
     >>> wq = make_weight_quantizer(conv.weight, default_weight_spec(bits=3), "conv.weight")
     >>> x = torch.randn(64, 4, 6, 6); target = conv(x).detach()
     >>> res = adaround_layer(conv, wq, x, x, target, AdaRound(iterations=200), progress=False)
@@ -26,8 +26,8 @@ from round-to-nearest.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -11,12 +11,13 @@ For each quantized conv/linear: the float output is computed first (the original
 then AdaRound learns the rounding from the quantized input, then bias correction adds the mean
 (float − quantized) output difference per channel to the bias, then the quantized stream moves on
 with the final layer. Each layer's output SQNR (dB, quantized vs float stream) is recorded at
-each step: the per-layer table `qdet quantize --adaround/--bias-correction` prints.
+each step, and in a third stream that keeps round-to-nearest everywhere (plain PTQ): the
+per-layer table `qdet quantize --adaround/--bias-correction` prints (`qdet.ptq_cli.layer_table`).
 
     >>> import torch
     >>> from torch import nn
     >>> import qdet
-    >>> torch.manual_seed(0); net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    >>> _ = torch.manual_seed(0); net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     >>> cfg = qdet.QuantConfig(weights=qdet.QuantSpec(bits=4, signed=True, symmetric=True,
     ...     granularity=qdet.PerChannel(), observer=qdet.Observer.MINMAX, narrow_range=True),
     ...     ptq=qdet.PTQAlgorithms(bias_correction=qdet.BiasCorrection()))
@@ -27,8 +28,9 @@ each step: the per-layer table `qdet quantize --adaround/--bias-correction` prin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -40,7 +42,14 @@ from qdet.config import BiasCorrectionMode, PTQAlgorithms
 from qdet.quant.adaround import adaround_layer
 from qdet.quant.calibrate import default_transform, fit_biases_in_int32
 from qdet.quant.opkinds import OpKind, op_kind
-from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer, grid_bias
+from qdet.quant.quantizer import (
+    CastQuantizer,
+    QuantConv2d,
+    Quantizer,
+    QuantLinear,
+    TiedQuantizer,
+    grid_bias,
+)
 
 
 @dataclass
@@ -48,7 +57,8 @@ class LayerStep:
     """One layer's output SQNR (dB vs the float model's) after each step of the pass."""
 
     layer: str
-    sqnr_nearest: float  # round-to-nearest, upstream already processed
+    sqnr_plain: float  # round-to-nearest everywhere (plain PTQ; after CLE when CLE is on)
+    sqnr_nearest: float  # round-to-nearest here, the layers before already processed
     sqnr_adaround: float | None = None
     sqnr_bias_corrected: float | None = None
     adaround_mse_before: float | None = None
@@ -117,7 +127,7 @@ def _targets(gm: fx.GraphModule) -> dict[fx.Node, nn.Module]:
 
 
 def _channel_means(outs: list[torch.Tensor]) -> torch.Tensor:
-    dims = lambda t: [d for d in range(t.dim()) if d != (1 if t.dim() == 4 else t.dim() - 1)]  # noqa: E731
+    dims = lambda t: [d for d in range(t.dim()) if d != (1 if t.dim() == 4 else t.dim() - 1)]
     total = sum(t.double().sum(dims(t)) for t in outs)
     count = sum(t.numel() // t.shape[1 if t.dim() == 4 else -1] for t in outs)
     return total / count
@@ -137,8 +147,9 @@ def optimize_region(
     streams = _Streams(gm)
     targets = _targets(gm)
     remaining = {n: len(n.users) for n in gm.graph.nodes}
-    env_f: dict[fx.Node, list[Any]] = {}
-    env_q: dict[fx.Node, list[Any]] = {}
+    env_f: dict[fx.Node, list[Any]] = {}  # float model
+    env_q: dict[fx.Node, list[Any]] = {}  # quantized, layers processed so far
+    env_p: dict[fx.Node, list[Any]] = {}  # quantized, nothing processed (plain PTQ), for the report
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     nb = len(inputs_quant)
     steps: list[LayerStep] = []
@@ -155,13 +166,17 @@ def optimize_region(
                     default = node.args[0] if node.args else None
                     env_f[node] = [a[i] if i < len(a) else default for a in inputs_float]
                     env_q[node] = [a[i] if i < len(a) else default for a in inputs_quant]
+                    env_p[node] = env_q[node]
                 else:
                     streams.float()
                     env_f[node] = [_run(gm, node, env_f, b) for b in range(nb)]
                     streams.quantized()
+                    # a module changes only when its own node is processed, after its plain output is taken
+                    env_p[node] = [_run(gm, node, env_p, b) for b in range(nb)]
                     if node in targets:
                         steps.append(_process_layer(gm, node, targets[node], env_f, env_q, algos, empirical,
                                                     layer_name(targets[node], node), progress, len(steps)))
+                        steps[-1].sqnr_plain = sqnr_db(env_f[node], env_p[node])
                         bar.update(1)
                     env_q[node] = [_run(gm, node, env_q, b) for b in range(nb)]
                 for arg in node.all_input_nodes:
@@ -169,6 +184,7 @@ def optimize_region(
                     if remaining[arg] == 0:
                         env_f.pop(arg, None)
                         env_q.pop(arg, None)
+                        env_p.pop(arg, None)
     finally:
         streams.quantized()
         bar.close()
@@ -181,8 +197,8 @@ def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dic
                    progress: bool, index: int) -> LayerStep:
     ref = env_f[node]
     nb = len(ref)
-    quant_out = lambda: [_run(gm, node, env_q, b) for b in range(nb)]  # noqa: E731
-    step = LayerStep(name, sqnr_db(ref, quant_out()))
+    quant_out = lambda: [_run(gm, node, env_q, b) for b in range(nb)]
+    step = LayerStep(name, math.nan, sqnr_db(ref, quant_out()))
     if algos.adaround is not None:
         cfg = algos.adaround
         src = node.args[0]
