@@ -33,8 +33,8 @@ from qdet.config import (
     AdaRound,
     BiasCorrection,
     BiasCorrectionMode,
-    PTQAlgorithms,
     PerTensor,
+    PTQAlgorithms,
     QuantConfig,
     default_weight_spec,
 )
