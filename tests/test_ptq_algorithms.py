@@ -236,3 +236,35 @@ def test_adaround_model_saves_loads_and_lowers_with_its_rounding() -> None:
         lowered = qdet.lower(qm, "onnxruntime", threads=1)
         ort_out, ref, other = torch.as_tensor(lowered(x)), qm(x), plain(x)
     assert float((ort_out - ref).abs().max()) < 0.25 * float((other - ref).abs().max())
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_flags_build_the_algorithms_and_the_layer_table() -> None:
+    import argparse
+
+    from qdet.ptq_cli import add_ptq_options, layer_table, ptq_from_args
+
+    p = argparse.ArgumentParser()
+    add_ptq_options(p)
+    algos = ptq_from_args(p.parse_args(["--cle", "--bias-correction", "--adaround", "--adaround-iters", "5"]))
+    assert algos.cle and algos.adaround == AdaRound(iterations=5)
+    assert algos.bias_correction == BiasCorrection(BiasCorrectionMode.EMPIRICAL)
+    assert ptq_from_args(p.parse_args(["--bias-correction", "analytic"])).bias_correction.mode is \
+        BiasCorrectionMode.ANALYTIC
+    with pytest.raises(ConfigError, match="--adaround-iters needs --adaround"):
+        ptq_from_args(p.parse_args(["--adaround-iters", "5"]))
+    with pytest.raises(ConfigError, match="--bias-correction mode"):
+        ptq_from_args(p.parse_args(["--bias-correction", "magic"]))
+    net = _net()
+    x = torch.rand(8, 3, 12, 12)
+    qm = qdet.quantize(net, [x], QuantConfig(weights=W4, ptq=algos), progress=False)
+    table = layer_table(qm)
+    assert table is not None and "plain (after CLE)" in table and "+adaround" in table and "+bias corr." in table
+    assert len(table.splitlines()) == 3 + 6  # heading, column names, rule, one row per conv/linear
+
+
+def test_cli_rejects_bad_ptq_options_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from qdet.cli import main
+
+    assert main(["quantize", "resnet20", "--adaround-iters", "10"]) == 2
+    assert "--adaround-iters needs --adaround" in capsys.readouterr().err

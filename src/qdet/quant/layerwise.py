@@ -5,7 +5,9 @@ before it already rounded and corrected) and its output in the *float* model. Ru
 whole model again for every layer would cost a forward pass per layer; instead each region's
 graph is walked node by node over all calibration batches at once, two streams side by side
 (float: every quantizer off; quantized: as calibrated), each value freed once its last user ran.
-Memory is the calibration set's activations at the widest cut of the graph, for both streams.
+Memory is the calibration images' activations at the widest cut of the graph, for the three
+streams below: the pass runs on the first max(AdaRound.max_images, BiasCorrection.max_images)
+calibration images only; lower them for large inputs (a 640×640 detector: ~64).
 
 For each quantized conv/linear: the float output is computed first (the original weights),
 then AdaRound learns the rounding from the quantized input, then bias correction adds the mean
@@ -241,6 +243,19 @@ def _first_images(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
     return torch.cat(_first_images_list(batches, limit))
 
 
+def _enough_batches(batches: list[Any], transform_fn: Callable[[Any], Any], images: int) -> list[Any]:
+    """The first batches holding at least `images` images: the pass keeps all of their activations."""
+    out, n = [], 0
+    for batch in batches:
+        if n >= images > 0:
+            break
+        out.append(batch)
+        x = transform_fn(batch)
+        first = x[0] if isinstance(x, tuple) else x
+        n += first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+    return out
+
+
 def capture_inputs(model: nn.Module, region: nn.Module, batches: Iterable[Any],
                    transform_fn: Callable[[Any], Any] = default_transform) -> list[tuple[Any, ...]]:
     """The positional inputs `region` receives for each batch when `model` runs."""
@@ -266,6 +281,9 @@ def optimize_layers(qm: Any, batches: list[Any], algos: PTQAlgorithms,
     region by region (each sees the quantized output of the ones before). Returns per-layer rows."""
     from qdet.quant.calibrate import quantization_disabled
 
+    batches = _enough_batches(batches, transform_fn, max(
+        algos.adaround.max_images if algos.adaround is not None else 0,
+        algos.bias_correction.max_images if algos.bias_correction is not None else 0))
     rows: list[dict] = []
     for region in qm.regions.values():
         gm = region.module
