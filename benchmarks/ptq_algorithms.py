@@ -15,7 +15,8 @@ per-channel), int8_pt (per-tensor), int4_pc; int8 rows run on OpenVINO's int8 ke
 the fake-quant reference.
 
     python benchmarks/ptq_algorithms.py --model efficientnet_lite1 --calib-images 300 --threads 2 \
-        --weights-kinds int8_pc int8_pt int4_pc --methods plain,bc,bc_analytic --json runs/ptq_lite1.json
+        --weights-kinds int8_pc int8_pt int4_pc --methods plain,bc,bc_analytic --layerwise-images 128 \
+        --json runs/ptq_lite1.json
 
 Methods (comma-separated --methods): plain, cle, bc (empirical bias correction), bc_analytic
 (BN-statistics bias correction), adaround, cle+adaround+bc, ... any '+' combination.
@@ -44,16 +45,17 @@ from qdet.paths import assets_dir
 from qdet.report.table import format_table
 
 
-def algorithms(method: str, iterations: int, seed: int) -> PTQAlgorithms:
+def algorithms(method: str, iterations: int, seed: int, images: int = 1024) -> PTQAlgorithms:
     """'cle+adaround+bc' → PTQAlgorithms(...); 'plain' → none."""
     parts = set(method.split("+")) - {"plain"}
     unknown = parts - {"cle", "bc", "bc_analytic", "adaround"}
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, bc, bc_analytic, adaround joined by +")
-    bc = (BiasCorrection() if "bc" in parts else
+    bc = (BiasCorrection(max_images=images) if "bc" in parts else
           BiasCorrection(BiasCorrectionMode.ANALYTIC) if "bc_analytic" in parts else None)
     return PTQAlgorithms(cle="cle" in parts, bias_correction=bc,
-                         adaround=AdaRound(iterations=iterations, seed=seed) if "adaround" in parts else None)
+                         adaround=AdaRound(iterations=iterations, seed=seed, max_images=images)
+                         if "adaround" in parts else None)
 
 
 def predict(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +98,8 @@ def lite1_main(args: argparse.Namespace) -> None:
     for kind in args.weights_kinds:
         label, spec = WEIGHT_KINDS[kind]
         for method in args.methods.split(","):
-            cfg = QuantConfig(weights=spec(), ptq=algorithms(method, args.adaround_iters, args.seed))
+            cfg = QuantConfig(weights=spec(), ptq=algorithms(method, args.adaround_iters, args.seed,
+                                                             args.layerwise_images))
             t0 = time.perf_counter()
             qm = api.quantize(model, make_loader(calib, 32), cfg, progress=False)
             seconds = time.perf_counter() - t0
@@ -126,6 +129,9 @@ def main() -> None:
                     choices=sorted(WEIGHT_KINDS), help="efficientnet_lite1 only")
     ap.add_argument("--weights", default=str(assets_dir() / "weights" / "efficientnet_lite1_imagenet.pth"),
                     help="efficientnet_lite1 only: the pretrained weights")
+    ap.add_argument("--layerwise-images", type=int, default=1024,
+                    help="calibration images the AdaRound / empirical bias-correction pass keeps activations of "
+                         "(memory: three streams of every image's activations at the widest cut of the graph)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
