@@ -176,11 +176,14 @@ def optimize_region(
                     # a module changes only when its own node is processed, after its plain output is taken
                     env_p[node] = [_run(gm, node, env_p, b) for b in range(nb)]
                     if node in targets:
-                        steps.append(_process_layer(gm, node, targets[node], env_f, env_q, algos, empirical,
-                                                    layer_name(targets[node], node), progress, len(steps)))
-                        steps[-1].sqnr_plain = sqnr_db(env_f[node], env_p[node])
+                        step, outs = _process_layer(gm, node, targets[node], env_f, env_q, algos, empirical,
+                                                    layer_name(targets[node], node), progress, len(steps))
+                        step.sqnr_plain = sqnr_db(env_f[node], env_p[node])
+                        steps.append(step)
+                        env_q[node] = outs
                         bar.update(1)
-                    env_q[node] = [_run(gm, node, env_q, b) for b in range(nb)]
+                    else:
+                        env_q[node] = [_run(gm, node, env_q, b) for b in range(nb)]
                 for arg in node.all_input_nodes:
                     remaining[arg] -= 1
                     if remaining[arg] == 0:
@@ -196,11 +199,13 @@ def optimize_region(
 
 def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dict[fx.Node, list[Any]],
                    env_q: dict[fx.Node, list[Any]], algos: PTQAlgorithms, empirical: bool, name: str,
-                   progress: bool, index: int) -> LayerStep:
+                   progress: bool, index: int) -> tuple[LayerStep, list[Any]]:
+    """AdaRound then bias correction on one layer; returns its step record and final quantized outputs."""
     ref = env_f[node]
     nb = len(ref)
     quant_out = lambda: [_run(gm, node, env_q, b) for b in range(nb)]
-    step = LayerStep(name, math.nan, sqnr_db(ref, quant_out()))
+    outs = quant_out()
+    step = LayerStep(name, math.nan, sqnr_db(ref, outs))
     if algos.adaround is not None:
         cfg = algos.adaround
         src = node.args[0]
@@ -213,11 +218,11 @@ def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dic
                                  activation=_fused_activation(gm, node), seed=cfg.seed * 100003 + index,
                                  progress=progress, desc=f"adaround {name}")
         step.adaround_mse_before, step.adaround_mse_after, step.flipped = res.mse_before, res.mse_after, res.flipped
-        step.sqnr_adaround = sqnr_db(ref, quant_out())
+        outs = quant_out()
+        step.sqnr_adaround = sqnr_db(ref, outs)
     if empirical:
         assert algos.bias_correction is not None
         limit = algos.bias_correction.max_images
-        outs = quant_out()
         shift = _channel_means(_first_images_list(ref, limit)) - _channel_means(_first_images_list(outs, limit))
         if mod.bias is None:
             mod.bias = nn.Parameter(torch.zeros(shift.numel(), dtype=mod.weight.dtype))
@@ -225,8 +230,9 @@ def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dic
         # so that snapping the result again leaves at most half a grid step
         mod.bias.copy_(grid_bias(mod).detach() + shift.to(mod.bias.dtype))
         step.mean_shift = float(shift.abs().max())
-        step.sqnr_bias_corrected = sqnr_db(ref, quant_out())
-    return step
+        outs = quant_out()
+        step.sqnr_bias_corrected = sqnr_db(ref, outs)
+    return step, outs
 
 
 def _first_images_list(batches: list[torch.Tensor], limit: int) -> list[torch.Tensor]:
