@@ -19,6 +19,10 @@ from qdet.api import (
 from qdet.coverage import coverage
 from qdet.runtimes.executed import RuntimeCoverage, runtime_coverage
 from qdet.config import (
+    AdaRound,
+    BiasCorrection,
+    BiasCorrectionMode,
+    PTQAlgorithms,
     Format,
     LayerOverride,
     Observer,
@@ -38,5 +42,5 @@ __all__ = [
     "QuantConfig", "QuantSpec", "Observer", "PerChannel", "PerTensor", "ResidualPolicy", "Format",
     "LayerOverride", "QATConfig", "QuantizedModel", "quantize", "prepare_qat", "convert", "evaluate", "lower", "benchmark", "export_onnx",
     "save", "load", "get_adapter", "coverage", "runtime_coverage", "RuntimeCoverage", "QdetError", "ConfigError", "DataError", "WeightsError",
-    "CalibrationError",
+    "CalibrationError", "PTQAlgorithms", "AdaRound", "BiasCorrection", "BiasCorrectionMode",
 ]

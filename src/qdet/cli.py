@@ -35,6 +35,7 @@ from qdet.config import (
 )
 from qdet.errors import ConfigError, QdetError
 from qdet.fileio import check_writable, write_text_atomically
+from qdet.ptq_cli import add_ptq_options, print_layer_table, ptq_from_args
 
 
 def _int_at_least(lo: int, hi: int | None = None):
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate, convert, evaluate float vs int8, benchmark, save", description="Post-training quantization with a float vs int8 table (accuracy, size, latency, speed-up).")
     _add_common(q, model_file=True)
     _add_quant_options(q)
+    add_ptq_options(q)
     _add_model_file_options(q)
     q.add_argument("--out", metavar="FILE.qdet", help="the quantized model file to write (default: runs/<model>.qdet, "
                                  "runs/<file>_<function>.qdet with --model-file)")
@@ -345,6 +347,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         skip=tuple(args.skip),
         fuse_silu=fuse_silu,
         fuse_leaky_mish=fuse_leaky_mish,
+        ptq=ptq_from_args(args),
     )
 
 
@@ -466,6 +469,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{args.model}.qdet")
     api.save(qm, out)
     _emit(result, args)
+    print_layer_table(qm)
     print(f"quantized model saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -489,6 +493,7 @@ def cmd_quantize_model_file(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{spec.run_name}.qdet")
     api.save(qm, out)
     _emit(result, args)
+    print_layer_table(qm)
     print(f"quantized model saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

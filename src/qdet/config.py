@@ -121,6 +121,100 @@ def default_weight_spec(granularity: Granularity | None = None, bits: int = 8) -
     )
 
 
+class BiasCorrectionMode(Enum):
+    """Where the per-channel mean shift that bias correction removes is measured.
+
+    EMPIRICAL: per conv/linear in graph order, the layer's output mean on the calibration data
+        with its upstream layers already quantized (and corrected) vs the float model's (what
+        NNCF's fast bias correction measures); catches shifts that rounding upstream propagates.
+    ANALYTIC: data-free (Nagel et al. 2019): E[x] of each layer's input from the BatchNorm
+        statistics of the conv before it (β, γ through its ReLU/ReLU6/identity), shift
+        (W − Q(W))·E[x]; layers whose input has no BN statistics are left as they are.
+    FLOAT_MEANS: (W − Q(W))·E[x] with E[x] the float input means seen during calibration (the
+        original `QuantConfig(bias_correction=True)`; measured worse than EMPIRICAL).
+    """
+
+    EMPIRICAL = "empirical"
+    ANALYTIC = "analytic"
+    FLOAT_MEANS = "float_means"
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Fold the mean output shift quantization causes into each conv/linear's bias.
+
+    max_images: calibration images the EMPIRICAL mode measures on (the first ones)."""
+
+    mode: BiasCorrectionMode = BiasCorrectionMode.EMPIRICAL
+    max_images: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_images < 1:
+            raise ConfigError(f"bias correction max_images={self.max_images} must be at least 1")
+
+
+@dataclass(frozen=True)
+class AdaRound:
+    """Adaptive rounding (Nagel et al. 2020) of each conv/linear's weights, layer by layer.
+
+    Each weight is rounded down or up (never further than one step from round-to-nearest) by a
+    learned soft variable h(V) (rectified sigmoid), optimised with Adam to reproduce the float
+    layer's output from the *quantized* inputs of the layers before it (asymmetric
+    reconstruction), with a regulariser λ·Σ(1 − |2h − 1|^β) pushing h to 0/1 while β anneals
+    from beta_start to beta_end after `warmup` of the iterations.
+
+    iterations per layer; batch_size images per step drawn (seeded) from at most max_images."""
+
+    iterations: int = 1000
+    batch_size: int = 32
+    max_images: int = 1024
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1 or self.max_images < 1:
+            raise ConfigError(f"AdaRound iterations={self.iterations}, batch_size={self.batch_size}, "
+                              f"max_images={self.max_images} must all be at least 1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"AdaRound warmup={self.warmup} must be in [0, 1)")
+        if self.lr <= 0 or self.reg_weight < 0 or self.beta_start < self.beta_end or self.beta_end <= 0:
+            raise ConfigError("AdaRound needs lr > 0, reg_weight >= 0 and beta_start >= beta_end > 0")
+
+
+@dataclass(frozen=True)
+class PTQAlgorithms:
+    """Post-training algorithms beyond round-to-nearest, composable; applied in this order:
+
+    cle: cross-layer equalization (Nagel et al. 2019) of conv→(ReLU/LeakyReLU/identity)→conv/linear
+        chains, depthwise included, on the BN-folded float model before calibration (exact in
+        float); ReLU6 chains are left alone (scaling would move where ReLU6 clips).
+    high_bias_absorption: with cle, move β − 3γ (BN statistics) of each equalized conv's bias
+        into the next layer where ReLU passes it through unchanged.
+    adaround: learned rounding per layer (`AdaRound`), None: round to nearest.
+    bias_correction: per-channel mean output shift folded into the biases (`BiasCorrection`).
+
+        >>> import qdet
+        >>> cfg = qdet.QuantConfig(ptq=qdet.PTQAlgorithms(cle=True, adaround=qdet.AdaRound(iterations=500)))
+        >>> qdet.QuantConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    cle: bool = False
+    high_bias_absorption: bool = True
+    adaround: AdaRound | None = None
+    bias_correction: BiasCorrection | None = None
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether a layer-by-layer pass over calibration data is needed (AdaRound, empirical BC)."""
+        bc = self.bias_correction
+        return self.adaround is not None or (bc is not None and bc.mode is BiasCorrectionMode.EMPIRICAL)
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Per-layer exception, matched by module name or fnmatch pattern (e.g. "model.24.*")."""
@@ -153,10 +247,10 @@ class QuantConfig:
         one rounding point instead of two. onnxruntime has no such int8 kernel (its QDQ conv needs a
         Q right after the conv) and would run those convs in float, so the default (False) quantizes
         conv output and activation output separately, which every int8 runtime executes.
-    bias_correction: after calibration, add (W − Q(W)) · E[x] to each conv/linear's bias, E[x] the
-        per-channel mean of its float input on the calibration set: the mean shift weight rounding
-        causes is given back (NNCF's default "fast bias correction" does the same). Off by default
-        until it is measured on every bundled model.
+    ptq: `PTQAlgorithms` (cross-layer equalization, AdaRound, bias correction); default: none.
+    bias_correction: the original flag, kept so that older `.qdet` files load: True means
+        ptq.bias_correction=BiasCorrection(BiasCorrectionMode.FLOAT_MEANS), (W − Q(W))·E[x] with float
+        input means. Prefer `ptq=PTQAlgorithms(bias_correction=BiasCorrection())` (empirical).
     """
 
     activations: QuantSpec | Observer = Observer.HISTOGRAM
@@ -170,8 +264,17 @@ class QuantConfig:
     fuse_silu: bool = False
     fuse_leaky_mish: bool = False
     bias_correction: bool = False
+    ptq: PTQAlgorithms = PTQAlgorithms()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ptq, PTQAlgorithms):
+            raise ConfigError(f"ptq={self.ptq!r} must be a qdet.PTQAlgorithms")
+        if self.bias_correction is True:  # the original flag: float-input-means bias correction
+            legacy = BiasCorrection(BiasCorrectionMode.FLOAT_MEANS)
+            if self.ptq.bias_correction not in (None, legacy):
+                raise ConfigError("bias_correction=True (float-means correction) conflicts with "
+                                  f"ptq.bias_correction={self.ptq.bias_correction}; set only ptq")
+            object.__setattr__(self, "ptq", dataclasses.replace(self.ptq, bias_correction=legacy))
         if isinstance(self.activations, Observer):
             object.__setattr__(self, "activations", default_activation_spec(self.activations))
         if isinstance(self.weights, (PerTensor, PerChannel)):
@@ -246,8 +349,9 @@ def _encode(obj: Any) -> Any:
     return obj
 
 
-_TYPES = {t.__name__: t for t in (PerTensor, PerChannel, QuantSpec, LayerOverride, QuantConfig)}
-_ENUM_FIELDS = {"observer": Observer, "residual": ResidualPolicy, "format": Format}
+_TYPES = {t.__name__: t for t in (PerTensor, PerChannel, QuantSpec, LayerOverride, QuantConfig, PTQAlgorithms,
+                                   AdaRound, BiasCorrection)}
+_ENUM_FIELDS = {"observer": Observer, "residual": ResidualPolicy, "format": Format, "mode": BiasCorrectionMode}
 
 
 def _decode(value: Any, name: str = "") -> Any:
@@ -280,6 +384,10 @@ __all__ = [
     "QuantSpec",
     "LayerOverride",
     "QuantConfig",
+    "PTQAlgorithms",
+    "AdaRound",
+    "BiasCorrection",
+    "BiasCorrectionMode",
     "QATConfig",
     "default_activation_spec",
     "default_weight_spec",

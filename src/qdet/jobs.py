@@ -153,7 +153,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     cov = coverage(qmodel)
     warn_if_runtime_float(cov.add_runtime(lowered_q))  # what the runtime really executes in int8
     meta["coverage"] = cov.as_dict()
-    qmodel.metrics = {"rows": rows, **meta}
+    kept = {k: qmodel.metrics[k] for k in ("ptq_layers", "cle_pairs") if k in qmodel.metrics}  # PTQ algorithms' records
+    qmodel.metrics = {"rows": rows, **meta, **kept}
     cols = ["model", *metric_keys, f"d_{key}", "size_mb"]
     if opts.bench:  # untimed jobs (eval, --no-bench) show no empty latency columns
         cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]

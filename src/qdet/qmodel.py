@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from qdet.config import QuantConfig
+from qdet.config import BiasCorrectionMode, QuantConfig
 from qdet.coverage import coverage, warn_if_mostly_float
 from qdet.errors import CalibrationError, ConfigError
 from qdet.quant.calibrate import len_or_none, calibrate, default_transform
@@ -332,8 +332,25 @@ def quantize(
     batches = _chain_first(first, iterator, remaining)
     total = len_or_none(calib_data)
     total = num_batches if total is None else total if num_batches is None else min(total, num_batches)
+    algos = cfg.ptq
+    if algos.layerwise:  # the layer-by-layer pass reads the calibration batches again
+        batches = list(batches)
+    bc_mode = algos.bias_correction.mode if algos.bias_correction is not None else None
     qm.calibration_batches = calibrate(qm, batches, transform_fn, progress=progress, total=total,
-                                       bias_correction=cfg.bias_correction)
+                                       bias_correction=bc_mode is BiasCorrectionMode.FLOAT_MEANS)
+    if qm.regions and any(r.equalized for r in qm.regions.values()):
+        qm.metrics["cle_pairs"] = [asdict(p) for r in qm.regions.values() for p in r.equalized]
+    if bc_mode is BiasCorrectionMode.ANALYTIC:
+        from qdet.quant.bias_correction import analytic_input_means, correct_biases
+        from qdet.quant.calibrate import fit_biases_in_int32
+
+        for region in qm.regions.values():
+            correct_biases(analytic_input_means(region.module))
+            fit_biases_in_int32(region.module)
+    if algos.layerwise:
+        from qdet.quant.layerwise import optimize_layers
+
+        qm.metrics["ptq_layers"] = optimize_layers(qm, batches, algos, transform_fn, progress=progress)
     cov = coverage(qm)
     qm.metrics["coverage"] = cov.as_dict()
     warn_if_mostly_float(cov)

@@ -21,11 +21,12 @@ weight error instead of by re-running each layer.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from qdet.quant.quantizer import QuantConv2d, QuantLinear, Quantizer
 
@@ -67,11 +68,12 @@ def input_means(model: nn.Module) -> Iterator[dict[nn.Module, _InputMean]]:
             h.remove()
 
 
-def correct_biases(means: dict[nn.Module, _InputMean]) -> int:
-    """Add (W − Q(W)) · E[x] to each layer's bias (creating one if needed); returns how many changed."""
+def correct_biases(means: dict[nn.Module, _InputMean] | dict[nn.Module, torch.Tensor]) -> int:
+    """Add (W − Q(W)) · E[x] to each layer's bias (creating one if needed); returns how many changed.
+    `means`: per layer, its input's per-channel mean (a tensor, or an accumulator of one)."""
     changed = 0
     for mod, acc in means.items():
-        mean = acc.mean()
+        mean = acc.mean() if isinstance(acc, _InputMean) else acc.to(torch.float64)
         wq = getattr(mod, "weight_quant", None)
         if mean is None or not isinstance(wq, Quantizer) or not wq.calibrated:
             continue
@@ -91,3 +93,82 @@ def correct_biases(means: dict[nn.Module, _InputMean]) -> int:
             mod.bias.add_(shift.to(mod.bias.dtype))
         changed += 1
     return changed
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    """E[clip(y, lo, hi)] for y ~ N(mu, sigma²) per channel (None: no bound on that side).
+
+    >>> round(float(clipped_normal_mean(torch.tensor([0.0]), torch.tensor([1.0]), 0.0, None)), 4)  # E[relu]
+    0.3989
+    """
+    mu, sigma = mu.double(), sigma.double().clamp_min(1e-12)
+
+    def partial(c: float) -> tuple[torch.Tensor, torch.Tensor]:  # Φ(z), E[y·1{y<c}] with z = (c − μ)/σ
+        z = (c - mu) / sigma
+        return _normal_cdf(z), mu * _normal_cdf(z) - sigma * _normal_pdf(z)
+
+    mean = mu.clone()
+    if lo is not None:
+        p_lo, m_lo = partial(lo)
+        mean = mean - m_lo + lo * p_lo  # below lo: replace y by lo
+    if hi is not None:
+        p_hi, m_hi = partial(hi)
+        # above hi: replace y by hi; E[y·1{y>hi}] = μ − E[y·1{y<hi}]
+        mean = mean - (mu - m_hi) + hi * (1 - p_hi)
+    return mean
+
+
+def analytic_input_means(gm: fx.GraphModule) -> dict[nn.Module, torch.Tensor]:
+    """Data-free E[x] per channel of each quantized conv/linear's input, from the BN statistics
+    of the conv producing it (through quantizers and one ReLU/ReLU6/LeakyReLU/identity): the analytic
+    variant of bias correction (Nagel et al. 2019). Layers fed by anything else are left out."""
+    from qdet.quant.fusion import bn_stats
+    from qdet.quant.opkinds import OpKind, op_kind
+    from qdet.quant.quantizer import TiedQuantizer
+
+    clips = {OpKind.RELU: (0.0, None), OpKind.RELU6: (0.0, 6.0), OpKind.IDENTITY: (None, None)}
+    out: dict[nn.Module, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, (QuantConv2d, QuantLinear)) or not node.args:
+            continue
+        src, bounds, slope = node.args[0], (None, None), None
+        while isinstance(src, fx.Node):
+            m = gm.get_submodule(str(src.target)) if src.op == "call_module" else None
+            if isinstance(m, (Quantizer, TiedQuantizer)):
+                src = src.args[0]
+                continue
+            kind = op_kind(src, gm)
+            if kind is OpKind.IDENTITY:
+                src = src.args[0]
+                continue
+            if bounds == (None, None) and slope is None and not isinstance(m, (QuantConv2d, QuantLinear)):
+                if kind in clips:
+                    bounds = clips[kind]
+                    src = src.args[0]
+                    continue
+                if kind is OpKind.LEAKY_RELU and isinstance(m, nn.LeakyReLU):
+                    slope = float(m.negative_slope)
+                    src = src.args[0]
+                    continue
+            break
+        producer = gm.get_submodule(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        stats = bn_stats(producer) if producer is not None else None
+        if stats is None:
+            continue
+        mean = clipped_normal_mean(stats[0], stats[1], *bounds)
+        if slope is not None:  # LeakyReLU(y) = ReLU(y) + slope · min(y, 0), E[min(y, 0)] = μ − E[ReLU(y)]
+            relu = clipped_normal_mean(stats[0], stats[1], 0.0, None)
+            mean = relu + slope * (stats[0].double() - relu)
+        channels = mod.in_channels if isinstance(mod, QuantConv2d) else mod.in_features
+        if mean.numel() == channels:
+            out[mod] = mean
+    return out

@@ -78,7 +78,25 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         w, b = fold_bn_weights(conv.weight, conv.bias, bn)
         fused.weight.copy_(w)
         fused.bias.copy_(b)
+    set_bn_stats(fused, bn)
     return fused
+
+
+BN_STATS = "bn_stats"
+
+
+def set_bn_stats(conv: nn.Module, bn: nn.Module) -> None:
+    """Remember, on the BN-folded conv, the mean β and standard deviation |γ| its outputs had
+    per channel under the BN's statistics: what the analytic bias correction and high-bias
+    absorption need after the BN itself is gone. A plain attribute, not a buffer (not saved)."""
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    setattr(conv, BN_STATS, (beta.detach().clone().float(), gamma.detach().abs().clone().float()))
+
+
+def bn_stats(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) per output channel of a BN-folded conv (`set_bn_stats`), else None."""
+    return getattr(conv, BN_STATS, None)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

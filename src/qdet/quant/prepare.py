@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
 from qdet.errors import ConfigError
+from qdet.quant.equalize import equalize
 from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
 from qdet.quant.opkinds import CLAMPS, GRID_KEEPING, LEAKY_MISH, WEIGHTED, OpKind, is_decode_op, module_kind, op_kind
 from qdet.quant.qat import QATConvBn2d, fold_batchnorms_qat
@@ -63,6 +64,7 @@ class PreparedRegion:
     layers: list[LayerRecord] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)  # box-decode ops after the last conv/linear
+    equalized: list[Any] = field(default_factory=list)  # cross-layer equalized pairs (qdet.quant.equalize)
 
 
 class UntraceableError(ConfigError):
@@ -527,12 +529,15 @@ def prepare_region(
     gm = trace(module, leaf_types)
     modularize_functional_ops(gm)
     folded = fold_batchnorms_qat(gm) if qat else fold_batchnorms(gm)
+    # data-free and exact in float, so a load re-derives the same weights before the state is restored
+    equalized = equalize(gm, high_bias_absorption=cfg.ptq.high_bias_absorption) if cfg.ptq.cle and not qat else []
     if not cfg.fuse_silu:
         decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)
     inserter = _Inserter(gm, prefix, cfg)
     layers = inserter.run()
-    return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded], inserter.float_ops)
+    return PreparedRegion(prefix, gm, layers, [_join(prefix, f) for f in folded], inserter.float_ops,
+                          equalized)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:

@@ -171,6 +171,8 @@ def copy_conv(cls: type[_ConvT], conv: nn.Conv2d) -> _ConvT:
     new.weight = nn.Parameter(conv.weight.detach().clone())
     if conv.bias is not None:
         new.bias = nn.Parameter(conv.bias.detach().clone())
+    if hasattr(conv, "bn_stats"):  # BN statistics of a folded conv (fusion.set_bn_stats)
+        new.bn_stats = conv.bn_stats
     return new
 
 

@@ -1,0 +1,179 @@
+"""Post-training algorithms side by side: plain PTQ vs +CLE vs +bias correction vs +AdaRound.
+
+CIFAR-10 (`--model resnet20`, any registered CIFAR adapter): calibration on --calib-images seeded
+images of the CIFAR-10 test folder (the only CIFAR images bundled; no labels are used), top-1 on
+all 10,000 test images and on the held-out rest. Weights: --bits per-channel symmetric (narrow
+range); activations uint8 per tensor (histogram observer). Top-1 is the fake-quant reference
+(4/3-bit weights have no int8 runtime kernel). recovered_pct: share of the plain-PTQ drop won back.
+
+    python benchmarks/ptq_algorithms.py --model resnet20 --bits 4 3 --calib-images 1024 --json runs/ptq_resnet20.json
+
+EfficientNet-Lite1 (`--model efficientnet_lite1`, pretrained, depthwise, ReLU6): the halves of
+`benchmarks/efficientnet_lite_ptq.py` (seeded permutation of imagenette/val: --calib-images of half
+A calibrate, all of half B evaluate, 1000-way top-1). --weights-kinds: int8_pc (qdet's default,
+per-channel), int8_pt (per-tensor), int4_pc; int8 rows run on OpenVINO's int8 kernels, 4-bit rows on
+the fake-quant reference.
+
+    python benchmarks/ptq_algorithms.py --model efficientnet_lite1 --calib-images 300 --threads 2 \
+        --weights-kinds int8_pc int8_pt int4_pc --methods plain,bc,bc_analytic --layerwise-images 128 \
+        --json runs/ptq_lite1.json
+
+Methods (comma-separated --methods): plain, cle, bc (empirical bias correction), bc_analytic
+(BN-statistics bias correction), adaround, cle+adaround+bc, ... any '+' combination.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from qdet import api
+from qdet.config import (
+    AdaRound,
+    BiasCorrection,
+    BiasCorrectionMode,
+    PerTensor,
+    PTQAlgorithms,
+    QuantConfig,
+    default_weight_spec,
+)
+from qdet.data.folders import make_loader, seeded_subset
+from qdet.fileio import write_text_atomically
+from qdet.paths import assets_dir
+from qdet.report.table import format_table
+
+
+def algorithms(method: str, iterations: int, seed: int, images: int = 1024) -> PTQAlgorithms:
+    """'cle+adaround+bc' → PTQAlgorithms(...); 'plain' → none."""
+    parts = set(method.split("+")) - {"plain"}
+    unknown = parts - {"cle", "bc", "bc_analytic", "adaround"}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, bc, bc_analytic, adaround joined by +")
+    bc = (BiasCorrection(max_images=images) if "bc" in parts else
+          BiasCorrection(BiasCorrectionMode.ANALYTIC) if "bc_analytic" in parts else None)
+    return PTQAlgorithms(cle="cle" in parts, bias_correction=bc,
+                         adaround=AdaRound(iterations=iterations, seed=seed, max_images=images)
+                         if "adaround" in parts else None)
+
+
+def predict(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    preds, labels = [], []
+    with torch.no_grad():
+        for x, y in make_loader(dataset, 500):
+            preds.append(torch.as_tensor(fn(x)).argmax(1))
+            labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def top1(pred: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    hit = pred == label
+    return 100.0 * float(hit[mask].float().mean() if mask is not None else hit.float().mean())
+
+
+WEIGHT_KINDS = {
+    "int8_pc": ("int8 per-channel", lambda: default_weight_spec()),
+    "int8_pt": ("int8 per-tensor", lambda: default_weight_spec(PerTensor())),
+    "int4_pc": ("int4 per-channel", lambda: default_weight_spec(bits=4)),
+}
+
+
+def lite1_main(args: argparse.Namespace) -> None:
+    """EfficientNet-Lite1 rows: float, then each weight kind × method (int8 on OpenVINO)."""
+    import platform
+
+    from efficientnet_lite_ptq import imagenette_halves, pretrained_lite1
+    from efficientnet_lite_ptq import top1 as loader_top1
+    from torch.utils.data import Subset
+
+    model = pretrained_lite1(args.weights)
+    data, half_a, half_b = imagenette_halves(args.seed)
+    calib = Subset(data, half_a[: args.calib_images])
+    evaluation = make_loader(Subset(data, half_b), 64)
+    print(f"calibration: {len(calib)} images of half A; evaluation: all {len(half_b)} of half B; seed {args.seed}; "
+          f"{args.threads} threads; {platform.processor() or platform.machine()}", flush=True)
+    rows = [{"weights": "float", "method": "-", "runtime": "PyTorch", "top1": loader_top1(model, evaluation)}]
+    print(rows[-1], flush=True)
+    for kind in args.weights_kinds:
+        label, spec = WEIGHT_KINDS[kind]
+        for method in args.methods.split(","):
+            cfg = QuantConfig(weights=spec(), ptq=algorithms(method, args.adaround_iters, args.seed,
+                                                             args.layerwise_images))
+            t0 = time.perf_counter()
+            qm = api.quantize(model, make_loader(calib, 32), cfg, progress=False)
+            seconds = time.perf_counter() - t0
+            int8 = cfg.weights.bits == 8
+            runner = api.lower(qm, "openvino", threads=args.threads) if int8 else qm
+            acc = loader_top1(runner, evaluation)
+            rows.append({"weights": label, "method": method, "runtime": "OpenVINO" if int8 else "fake-quant",
+                         "top1": acc, "d_top1": acc - rows[0]["top1"], "quantize_s": seconds})
+            print(rows[-1], flush=True)
+    print(f"\nEfficientNet-Lite1, 1000-way top-1 on {len(half_b)} imagenette/val images (half B, seed {args.seed}); "
+          f"calibration {len(calib)} images of half A; activations uint8 per tensor; {args.threads} threads")
+    print(format_table(rows, ["weights", "method", "runtime", "top1", "d_top1", "quantize_s"]))
+    if args.json:
+        write_text_atomically(args.json, json.dumps(rows, indent=1, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--methods", default="plain,cle,bc,bc_analytic,adaround,adaround+bc,cle+adaround+bc")
+    ap.add_argument("--calib-images", type=int, default=1024)
+    ap.add_argument("--adaround-iters", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights-kinds", nargs="+", default=["int8_pc", "int8_pt", "int4_pc"],
+                    choices=sorted(WEIGHT_KINDS), help="efficientnet_lite1 only")
+    ap.add_argument("--weights", default=str(assets_dir() / "weights" / "efficientnet_lite1_imagenet.pth"),
+                    help="efficientnet_lite1 only: the pretrained weights")
+    ap.add_argument("--layerwise-images", type=int, default=1024,
+                    help="calibration images the AdaRound / empirical bias-correction pass keeps activations of "
+                         "(memory: three streams of every image's activations at the widest cut of the graph)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model == "efficientnet_lite1":
+        return lite1_main(args)
+    adapter = api.get_adapter(args.model)
+    model = adapter.build()
+    data = adapter.eval_dataset()
+    calib = seeded_subset(data, args.calib_images, seed=args.seed)
+    held = torch.ones(len(data), dtype=torch.bool)
+    held[calib.indices] = False
+    f_pred, labels = predict(model, data)
+    f_all = top1(f_pred, labels)
+    rows = [{"weights": "float", "method": "-", "top1": f_all, "top1_held_out": top1(f_pred, labels, held)}]
+    print(rows[-1], flush=True)
+    for bits in args.bits:
+        plain_top1 = None
+        for method in args.methods.split(","):
+            cfg = QuantConfig(weights=default_weight_spec(bits=bits), ptq=algorithms(method, args.adaround_iters,
+                                                                                      args.seed))
+            t0 = time.perf_counter()
+            qm = api.quantize(model, make_loader(calib, 32), cfg, adapter=adapter, progress=False)
+            seconds = time.perf_counter() - t0
+            pred, _ = predict(qm, data)
+            q_all = top1(pred, labels)
+            if method == "plain":
+                plain_top1 = q_all
+            drop = f_all - plain_top1 if plain_top1 is not None else None
+            rows.append({"weights": f"int{bits} per-channel", "method": method, "top1": q_all,
+                         "top1_held_out": top1(pred, labels, held), "drop": f_all - q_all,
+                         "recovered_pct": (100.0 * (q_all - plain_top1) / drop
+                                           if drop and drop > 0 and method != "plain" else None),
+                         "quantize_s": seconds})
+            print(rows[-1], flush=True)
+    print(f"\n{args.model}, CIFAR-10 test (10,000 images); calibration: {args.calib_images} seeded test images "
+          f"(seed {args.seed}, labels unused); top1_held_out: the {len(data) - args.calib_images} others; "
+          f"activations uint8 per tensor; fake-quant reference; AdaRound {args.adaround_iters} iterations per layer; "
+          f"{args.threads} thread(s)")
+    print(format_table(rows, ["weights", "method", "top1", "top1_held_out", "drop", "recovered_pct", "quantize_s"]))
+    if args.json:
+        write_text_atomically(args.json, json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
