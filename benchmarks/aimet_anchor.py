@@ -22,24 +22,11 @@ import tempfile
 import time
 
 import torch
+from cifar_observers import predict, top1
 from torch.utils.data import DataLoader
 
 from qdet import api
-from qdet.data.folders import make_loader, seeded_subset
-
-
-def predict(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    preds, labels = [], []
-    with torch.no_grad():
-        for x, y in make_loader(dataset, 500):
-            preds.append(fn(x).argmax(1))
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
-def top1(pred, label, mask=None) -> float:
-    hit = pred == label
-    return 100.0 * float(hit[mask].float().mean() if mask is not None else hit.float().mean())
+from qdet.data.folders import seeded_subset
 
 
 def main() -> None:

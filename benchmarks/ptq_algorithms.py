@@ -28,6 +28,7 @@ import json
 import time
 
 import torch
+from cifar_observers import predict, top1
 
 from qdet import api
 from qdet.config import (
@@ -56,20 +57,6 @@ def algorithms(method: str, iterations: int, seed: int, images: int = 1024) -> P
     return PTQAlgorithms(cle="cle" in parts, bias_correction=bc,
                          adaround=AdaRound(iterations=iterations, seed=seed, max_images=images)
                          if "adaround" in parts else None)
-
-
-def predict(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    preds, labels = [], []
-    with torch.no_grad():
-        for x, y in make_loader(dataset, 500):
-            preds.append(torch.as_tensor(fn(x)).argmax(1))
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
-def top1(pred: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    hit = pred == label
-    return 100.0 * float(hit[mask].float().mean() if mask is not None else hit.float().mean())
 
 
 WEIGHT_KINDS = {
