@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import torch
-from cifar_observers import predict, top1
+from cifar_observers import held_out_mask, predict, top1
 from torch.utils.data import DataLoader
 
 from qdet import api
@@ -55,8 +55,7 @@ def main() -> None:
     float_model = adapter.build().eval()
     data = adapter.eval_dataset()
     calib = seeded_subset(data, args.calib_images, seed=args.seed)
-    held = torch.ones(len(data), dtype=torch.bool)
-    held[calib.indices] = False
+    held = held_out_mask(len(data), calib)
     if args.eval_images:
         data, held = torch.utils.data.Subset(data, range(args.eval_images)), held[: args.eval_images]
     dummy = torch.zeros(1, 3, 32, 32)

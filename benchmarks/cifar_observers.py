@@ -33,6 +33,13 @@ def predict(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(preds), torch.cat(labels)
 
 
+def held_out_mask(n: int, calib: torch.utils.data.Subset) -> torch.Tensor:
+    """True for the images of an n-image set that `calib` (a Subset of it) did not take for calibration."""
+    held = torch.ones(n, dtype=torch.bool)
+    held[calib.indices] = False
+    return held
+
+
 def top1(pred: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     hit = pred == label
     return 100.0 * float(hit[mask].float().mean() if mask is not None else hit.float().mean())
@@ -53,8 +60,7 @@ def main() -> None:
         model = adapter.build()
         data = adapter.eval_dataset()
         calib = seeded_subset(data, args.calib_images, seed=args.seed)
-        held = torch.ones(len(data), dtype=torch.bool)
-        held[calib.indices] = False
+        held = held_out_mask(len(data), calib)
         f_pred, labels = predict(model, data)
         f_all = top1(f_pred, labels)
         all_rows.append({"model": name, "observer": "float", "residual": "-", "top1": f_all, "d_top1": 0.0,

@@ -28,7 +28,7 @@ import json
 import time
 
 import torch
-from cifar_observers import predict, top1
+from cifar_observers import held_out_mask, predict, top1
 
 from qdet import api
 from qdet.config import (
@@ -128,8 +128,7 @@ def main() -> None:
     model = adapter.build()
     data = adapter.eval_dataset()
     calib = seeded_subset(data, args.calib_images, seed=args.seed)
-    held = torch.ones(len(data), dtype=torch.bool)
-    held[calib.indices] = False
+    held = held_out_mask(len(data), calib)
     f_pred, labels = predict(model, data)
     f_all = top1(f_pred, labels)
     rows = [{"weights": "float", "method": "-", "top1": f_all, "top1_held_out": top1(f_pred, labels, held)}]
