@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF even when it is installed")
     ap.add_argument("--no-qdet", action="store_true", help="measure only the float and NNCF rows")
     ap.add_argument("--no-float", action="store_true", help="skip the float row (d_top1 is then vs the first row)")
+    ap.add_argument("--observers", default=qdet.QuantConfig().activations.observer.value,
+                    help="comma-separated activation observers, one qdet row each (default: qdet's default)")
     ap.add_argument("--bias-correction", action="store_true",
                     help="also measure qdet with QuantConfig(bias_correction=True) on OpenVINO")
     ap.add_argument("--no-fake-quant", action="store_true",
@@ -98,14 +100,16 @@ def main() -> None:
     if not args.no_float:
         t = time.perf_counter()
         row("float (PyTorch)", model, t)
-    if not args.no_qdet:
+    for observer in [] if args.no_qdet else args.observers.split(","):
         t = time.perf_counter()
-        qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig())  # no adapter: the generic path
+        cfg = qdet.QuantConfig(activations=qdet.Observer(observer))
+        qm = qdet.quantize(model, make_loader(calib, 32), cfg)  # no adapter: the generic path
         print(qdet.coverage(qm).table())
+        default = " (default)" if cfg.activations == qdet.QuantConfig().activations else ""
         if not args.no_fake_quant:
-            row("qdet int8 (fake-quant)", qm, t)
+            row(f"qdet int8, {observer} activations{default} (fake-quant)", qm, t)
         t = time.perf_counter()
-        row("qdet int8 (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
+        row(f"qdet int8, {observer} activations{default} (OpenVINO)", qdet.lower(qm, "openvino", threads=args.threads), t)
     if args.bias_correction:
         t = time.perf_counter()
         qm = qdet.quantize(model, make_loader(calib, 32), qdet.QuantConfig(bias_correction=True))

@@ -41,6 +41,29 @@ def test_moving_average_follows_ema():
     assert float(o.range()[1]) == pytest.approx(3.0)
 
 
+def test_mean_minmax_averages_per_sample_ranges_whatever_the_batching():
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 5, 5)
+    x[3] *= 10  # one outlier image moves the range by 1/12 of its excess, not all of it
+    want_lo = x.flatten(1).min(1).values.mean()
+    want_hi = x.flatten(1).max(1).values.mean()
+    for batch in (1, 5, 12):
+        o = make_observer(default_activation_spec(Observer.MEAN_MINMAX))
+        for chunk in x.split(batch):
+            o.update(chunk)
+        lo, hi = o.range()
+        assert float(lo) == pytest.approx(float(want_lo), rel=1e-6)
+        assert float(hi) == pytest.approx(float(want_hi), rel=1e-6)
+    assert float(hi) < float(x.max()) / 2
+
+
+def test_per_channel_mean_minmax():
+    o = make_observer(QuantSpec(observer=Observer.MEAN_MINMAX, granularity=PerChannel(1)))
+    o.update(torch.tensor([[[1.0, 3.0], [-2.0, 0.0]], [[5.0, 7.0], [-4.0, 2.0]]]))  # (sample, channel, value)
+    lo, hi = o.range()
+    assert lo.tolist() == [3.0, -3.0] and hi.tolist() == [5.0, 1.0]
+
+
 def test_histogram_beats_minmax_on_heavy_tail(heavy_tail):
     mse_hist = _mse(_observe(Observer.HISTOGRAM, heavy_tail), heavy_tail)
     mse_minmax = _mse(_observe(Observer.MINMAX, heavy_tail), heavy_tail)

@@ -227,3 +227,18 @@ def test_bad_yaml_in_a_checkpoint_is_a_weights_error_naming_file_and_field(tmp_p
     torch.save({"state_dict": net.state_dict(), "meta": {"yaml": _edited(lambda c: c.update(width_multiple=1e6))}}, path)
     with pytest.raises(WeightsError, match=r"weights file '.*ckpt\.pt': meta\['yaml'\] is invalid: 'width_multiple'"):
         load_yolov5(path)
+
+
+def test_channel_major_decode_equals_the_island_decode():
+    """The whole graph's decode (scores kept (class, box)) gives the island path's numbers, box for box."""
+    from qdet.models.yolo.model import decode_maps, decode_maps_for_selection
+    from qdet.models.yolo.postprocess import xywh2xyxy
+
+    torch.manual_seed(0)
+    na, nc, stride = 3, 7, (8.0, 16.0)
+    anchors = torch.rand(2, na, 2) * 4 + 0.5
+    raw = [torch.randn(2, na * (nc + 5), 64 // int(s), 48 // int(s)) * 3 for s in stride]
+    pred = decode_maps(raw, anchors, stride, na, nc + 5)
+    boxes, scores = decode_maps_for_selection(raw, anchors, stride, na, nc + 5)
+    torch.testing.assert_close(boxes, xywh2xyxy(pred[..., :4]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, (pred[..., 5:] * pred[..., 4:5]).transpose(1, 2), rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ class Observer(Enum):
 
     MINMAX = "minmax"
     MOVING_AVERAGE = "moving_average"
+    MEAN_MINMAX = "mean_minmax"  # mean over calibration samples of each sample's min and max (NNCF's default)
     HISTOGRAM = "histogram"  # range search minimising the quantization error of a histogram
     PERCENTILE = "percentile"
     ENTROPY = "entropy"  # KL divergence between float and quantized histograms

@@ -100,6 +100,36 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.hi = self.hi + c * (hi - self.hi)
 
 
+class MeanMinMaxObserver(RangeObserver):
+    """Mean over calibration samples of each sample's own min and max (NNCF's default activation range).
+
+    Per sample, not per batch, so the range does not depend on how the calibration set is batched;
+    a rare outlier image moves the range by 1/N of its excess instead of setting it.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "") -> None:
+        super().__init__(spec, name)
+        self.lo_sum: torch.Tensor | None = None
+        self.hi_sum: torch.Tensor | None = None
+        self.samples = 0
+
+    def _update(self, x: torch.Tensor) -> None:
+        samples = x.unsqueeze(0) if x.dim() < 2 else x  # a tensor without a batch dimension is one sample
+        lo, hi = zip(*(_reduce_minmax(s, self._sample_axis()) for s in samples))
+        lo_sum, hi_sum = torch.stack(lo).sum(0), torch.stack(hi).sum(0)
+        self.lo_sum = lo_sum if self.lo_sum is None else self.lo_sum + lo_sum
+        self.hi_sum = hi_sum if self.hi_sum is None else self.hi_sum + hi_sum
+        self.samples += len(samples)
+
+    def _sample_axis(self) -> int | None:
+        axis = self.spec.axis  # the channel axis of the whole tensor; one sample has lost dim 0
+        return None if axis is None else axis - 1
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.lo_sum is not None and self.hi_sum is not None
+        return self.lo_sum / self.samples, self.hi_sum / self.samples
+
+
 class _HistogramBase(RangeObserver):
     """A per-tensor histogram whose range grows to cover all data seen (old counts are re-binned)."""
 
@@ -316,6 +346,7 @@ _OBSERVERS: dict[Observer, type[RangeObserver]] = {
     Observer.HISTOGRAM: HistogramObserver,
     Observer.PERCENTILE: PercentileObserver,
     Observer.ENTROPY: EntropyObserver,
+    Observer.MEAN_MINMAX: MeanMinMaxObserver,
     Observer.MSE: MSEObserver,
 }
 

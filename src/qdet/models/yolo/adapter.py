@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from qdet.data.coco import CocoDetection
 from qdet.errors import ConfigError
 from qdet.models.base import Region, Task
-from qdet.models.yolo.model import YOLOv5, YOLOv5Raw, decode_maps, load_yolov5, yolov5_config
+from qdet.models.yolo.model import YOLOv5, YOLOv5Raw, decode_maps, decode_maps_for_selection, load_yolov5, yolov5_config
 from qdet.models.yolo.postprocess import preprocess
 from qdet.paths import assets_dir
 
@@ -41,6 +41,10 @@ class YoloDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_maps(self.body(x), self.anchors, self.stride, self.na, self.no)  # (B, N, 5+nc)
+
+    def boxes_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole graph's decode: (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)), channel-major."""
+        return decode_maps_for_selection(self.body(x), self.anchors, self.stride, self.na, self.no)
 
 
 class LetterboxedCoco(Dataset):

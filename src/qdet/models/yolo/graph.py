@@ -31,13 +31,18 @@ DARKNET_EVAL_NMS = NmsSettings(conf=0.005, iou=0.45, max_det=300)
 
 class DecodedToScores(nn.Module):
     """`detector(x)` = decoded (B, N, 5+nc) xywh, objectness, class probabilities →
-    (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N) = objectness · class probability)."""
+    (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N) = objectness · class probability).
+
+    A detector with a `boxes_and_scores(x)` method giving those two directly (YOLOv5's
+    channel-major decode, cheaper in the graph) is used through it instead."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.detector = detector
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if hasattr(self.detector, "boxes_and_scores"):
+            return self.detector.boxes_and_scores(x)
         pred = self.detector(x).float()
         scores = pred[..., 5:] * pred[..., 4:5]
         return xywh2xyxy(pred[..., :4]), scores.transpose(1, 2)
