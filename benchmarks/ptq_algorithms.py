@@ -47,13 +47,16 @@ from qdet.report.table import format_table
 
 
 def algorithms(method: str, iterations: int, seed: int, images: int = 1024) -> PTQAlgorithms:
-    """'cle+adaround+bc' → PTQAlgorithms(...); 'plain' → none."""
+    """'cle+adaround+bc' → PTQAlgorithms(...); 'plain' → none (no bias correction either);
+    bc = empirical, bc_analytic = from BN statistics, bc_float = float input means (qdet's default)."""
     parts = set(method.split("+")) - {"plain"}
-    unknown = parts - {"cle", "bc", "bc_analytic", "adaround"}
+    unknown = parts - {"cle", "bc", "bc_analytic", "bc_float", "adaround"}
     if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, bc, bc_analytic, adaround joined by +")
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, bc, bc_analytic, bc_float, adaround "
+                         "joined by +")
     bc = (BiasCorrection(max_images=images) if "bc" in parts else
-          BiasCorrection(BiasCorrectionMode.ANALYTIC) if "bc_analytic" in parts else None)
+          BiasCorrection(BiasCorrectionMode.ANALYTIC) if "bc_analytic" in parts else
+          BiasCorrection(BiasCorrectionMode.FLOAT_MEANS) if "bc_float" in parts else None)
     return PTQAlgorithms(cle="cle" in parts, bias_correction=bc,
                          adaround=AdaRound(iterations=iterations, seed=seed, max_images=images)
                          if "adaround" in parts else None)

@@ -17,17 +17,19 @@ for OpenVINO: SiLU fused; calibration on the bundled COCO train images, seeded).
 
 Latency and throughput need a quiet machine (the load average is printed next to them).
 
-    PYTHONPATH=src python benchmarks/whole_graph_speed.py --threads 2 --repeats 30 --profile --map
+    PYTHONPATH=src python benchmarks/whole_graph_speed.py --threads 2 --repeats 30 --profile --map [--compare-decode]
     PYTHONPATH=src python benchmarks/whole_graph_speed.py --img-size 128 --calib-images 8 --repeats 2 \
         --throughput-images 4 --map-images 4 --map --profile   # a quick check of the script
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,20 @@ def machine() -> dict[str, str]:
     return {"model": cpu.model, "flags": flags, "load": load_average()}
 
 
+@contextlib.contextmanager
+def token_major_decode() -> Iterator[None]:
+    """Inside: YOLOv5's whole graph is exported through its decoded rows (`DecodedToScores`'s
+    generic form), as before the channel-major `boxes_and_scores` existed."""
+    from qdet.models.yolo.adapter import YoloDetector
+
+    saved = YoloDetector.boxes_and_scores
+    del YoloDetector.boxes_and_scores
+    try:
+        yield
+    finally:
+        YoloDetector.boxes_and_scores = saved
+
+
 def island_call(lowered: Any) -> Any:
     """x → per-image detections: the lowered model (decode in PyTorch) then PyTorch NMS."""
     def call(x: torch.Tensor) -> list[torch.Tensor]:
@@ -70,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--throughput-images", type=int, default=64)
     ap.add_argument("--streams", type=int, default=None, help="OpenVINO streams for throughput (default: its own)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compare-decode", action="store_true",
+                    help="also time whole graphs with the token-major decode (the detector's decoded (B, N, 85) "
+                         "rows, then scores transposed back), the decode before the channel-major one")
     ap.add_argument("--map", action="store_true", help="int8 mAP: whole graph vs island path on the COCO subset")
     ap.add_argument("--no-speed", action="store_true", help="skip latency/throughput (e.g. an mAP-only run on a busy machine)")
     ap.add_argument("--map-images", type=int, default=None, help="evaluate on the first N val images only (a check)")
@@ -96,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "whole fp32": qdet.lower(qm, "openvino", quantized=False, threads=args.threads, whole_graph=True),
             "whole int8": qdet.lower(qm, "openvino", threads=args.threads, whole_graph=True),
         }
+        if args.compare_decode:
+            with token_major_decode():
+                for tag, quantized in (("fp32", False), ("int8", True)):
+                    lowered[f"whole {tag} (token-major decode)"] = qdet.lower(
+                        qm, "openvino", quantized=quantized, threads=args.threads, whole_graph=True)
     print(f"quantized and lowered in {time.perf_counter() - t:.0f} s")
     g = torch.Generator().manual_seed(args.seed)
     x = next(iter(calib))[0][: args.batch]
@@ -103,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         x = torch.cat([x, torch.rand(args.batch - len(x), *x.shape[1:], generator=g)])
     calls = {"PyTorch eager fp32 (+ NMS)": island_call(model),
              "island fp32": island_call(lowered["island fp32"]), "island int8": island_call(lowered["island int8"]),
-             "whole fp32": lowered["whole fp32"], "whole int8": lowered["whole int8"]}
+             **{k: v for k, v in lowered.items() if k.startswith("whole")}}
     with torch.inference_mode():
         for tag in ("fp32", "int8"):
             a = agreement(calls[f"island {tag}"](x), calls[f"whole {tag}"](x))

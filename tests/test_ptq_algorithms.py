@@ -151,7 +151,7 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 def test_empirical_bias_correction_zeroes_mean_output_shift_on_calibration_data() -> None:
     net = _net()
     x = torch.rand(32, 3, 12, 12) * 2
-    plain = qdet.quantize(net, [x[:16], x[16:]], QuantConfig(weights=W4), progress=False)
+    plain = qdet.quantize(net, [x[:16], x[16:]], QuantConfig(weights=W4, ptq=PTQAlgorithms(bias_correction=None)), progress=False)
     with quantization_disabled(plain):
         float_outs = _layer_outputs(plain, x)  # the float model, same graph and names
     corrected = qdet.quantize(net, [x[:16], x[16:]],
@@ -175,7 +175,7 @@ def test_analytic_bias_correction_uses_bn_statistics() -> None:
     net = _net()
     x = torch.rand(8, 3, 12, 12)
     cfg = QuantConfig(weights=W4, ptq=PTQAlgorithms(bias_correction=BiasCorrection(BiasCorrectionMode.ANALYTIC)))
-    plain = qdet.quantize(net, [x], QuantConfig(weights=W4), progress=False)
+    plain = qdet.quantize(net, [x], QuantConfig(weights=W4, ptq=PTQAlgorithms(bias_correction=None)), progress=False)
     qm = qdet.quantize(net, [x], cfg, progress=False)
     changed = [n for n, m in qm.model.named_modules() if isinstance(m, QuantConv2d)
                and not torch.equal(m.bias, plain.model.get_submodule(n).bias)]

@@ -131,8 +131,11 @@ class BiasCorrectionMode(Enum):
     ANALYTIC: data-free (Nagel et al. 2019): E[x] of each layer's input from the BatchNorm
         statistics of the conv before it (β, γ through its ReLU/ReLU6/identity), shift
         (W − Q(W))·E[x]; layers whose input has no BN statistics are left as they are.
-    FLOAT_MEANS: (W − Q(W))·E[x] with E[x] the float input means seen during calibration (the
-        original `QuantConfig(bias_correction=True)`; measured worse than EMPIRICAL).
+    FLOAT_MEANS: E[(W − Q(W)) * x] from the float inputs seen during calibration, per position
+        (the conv's own padding: border outputs see fewer taps) where the input size is fixed;
+        the default. On EfficientNet-Lite1 it cut the int8 logits' MSE to float by 62 % and on
+        YOLOv5n it took the int8 mAP drop from −0.65 to −0.07 points (README); the per-channel
+        form without padding, its first version, was worse than no correction on Lite1.
     """
 
     EMPIRICAL = "empirical"
@@ -196,7 +199,8 @@ class PTQAlgorithms:
     high_bias_absorption: with cle, move β − 3γ (BN statistics) of each equalized conv's bias
         into the next layer where ReLU passes it through unchanged.
     adaround: learned rounding per layer (`AdaRound`), None: round to nearest.
-    bias_correction: per-channel mean output shift folded into the biases (`BiasCorrection`).
+    bias_correction: per-channel mean output shift folded into the biases (`BiasCorrection`);
+        default: FLOAT_MEANS (closed form, during calibration, no extra pass), None: off.
 
         >>> import qdet
         >>> cfg = qdet.QuantConfig(ptq=qdet.PTQAlgorithms(cle=True, adaround=qdet.AdaRound(iterations=500)))
@@ -207,7 +211,7 @@ class PTQAlgorithms:
     cle: bool = False
     high_bias_absorption: bool = True
     adaround: AdaRound | None = None
-    bias_correction: BiasCorrection | None = None
+    bias_correction: BiasCorrection | None = BiasCorrection(BiasCorrectionMode.FLOAT_MEANS)
 
     @property
     def layerwise(self) -> bool:
@@ -249,7 +253,7 @@ class QuantConfig:
         Q right after the conv) and would run those convs in float, so the default (False) quantizes
         conv output and activation output separately, which every int8 runtime executes.
     ptq: `PTQAlgorithms` (cross-layer equalization, AdaRound, bias correction); default: none.
-    bias_correction: the original flag, kept so that older `.qdet` files load: True means
+    bias_correction: the original flag, kept so that older `.qdet` files load: True means (now the default)
         ptq.bias_correction=BiasCorrection(BiasCorrectionMode.FLOAT_MEANS), (W − Q(W))·E[x] with float
         input means. Prefer `ptq=PTQAlgorithms(bias_correction=BiasCorrection())` (empirical).
     """

@@ -30,9 +30,10 @@ def add_ptq_options(p: argparse.ArgumentParser) -> None:
                    help="cross-layer equalization (with high-bias absorption) of conv→ReLU/LeakyReLU/identity→conv "
                         "chains, depthwise included, before calibration")
     g.add_argument("--bias-correction", nargs="?", const="empirical", default=None, metavar="MODE",
-                   help="fold the mean output shift into the biases: empirical (default: measured per layer on the "
-                        "calibration images, quantized layers upstream), analytic (from BN statistics, data-free) "
-                        "or float_means")
+                   help="fold the mean output shift into the biases: float_means (the default without this flag: "
+                        "E[(W − Q(W)) * x] from the float calibration inputs, no extra pass), empirical (the flag "
+                        "alone: measured per layer on the calibration images, quantized layers upstream), "
+                        "analytic (from BN statistics, data-free) or none (off)")
     g.add_argument("--adaround", action="store_true",
                    help="AdaRound: learn each weight's rounding (down/up) layer by layer on the calibration images")
     g.add_argument("--adaround-iters", type=int, default=None, metavar="N",
@@ -40,7 +41,7 @@ def add_ptq_options(p: argparse.ArgumentParser) -> None:
 
 
 def ptq_from_args(args: argparse.Namespace) -> PTQAlgorithms:
-    """The PTQAlgorithms the flags ask for (all off when the parser has none of them)."""
+    """The PTQAlgorithms the flags ask for (the defaults when the parser has none of them)."""
     iters = getattr(args, "adaround_iters", None)
     adaround = getattr(args, "adaround", False)
     if iters is not None and not adaround:
@@ -48,7 +49,12 @@ def ptq_from_args(args: argparse.Namespace) -> PTQAlgorithms:
     if iters is not None and iters < 1:
         raise ConfigError(f"--adaround-iters {iters}: must be at least 1")
     mode = getattr(args, "bias_correction", None)
-    bc = BiasCorrection(parse_enum(BiasCorrectionMode, mode, "--bias-correction mode")) if mode else None
+    if mode is None:
+        bc = PTQAlgorithms().bias_correction
+    elif mode == "none":
+        bc = None
+    else:
+        bc = BiasCorrection(parse_enum(BiasCorrectionMode, mode, "--bias-correction mode"))
     return PTQAlgorithms(cle=getattr(args, "cle", False), bias_correction=bc,
                          adaround=AdaRound(iterations=iters or 1000) if adaround else None)
 

@@ -250,6 +250,8 @@ def with_float_weights(
         q.observer, q.observing, q.calibrated = None, False, src.calibrated
     from qdet.quant.quantizer import QuantConv2d, QuantLinear, weight_codes
 
+    from qdet.quant.quantizer import keep_uncorrected_bias
+
     loaded = dict(qmodel.model.named_modules())
     for name, mod in twin.model.named_modules():
         wq = getattr(mod, "weight_quant", None)
@@ -257,6 +259,11 @@ def with_float_weights(
             if not torch.equal(weight_codes(mod.weight.detach(), wq), weight_codes(loaded[name].weight.detach(), wq)):
                 raise ConfigError(f"layer {name!r}: the quantized model was not made from these float weights "
                                   f"(its int8 codes differ); pass the --weights it was quantized from")
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            corrected = loaded[name].bias
+            if corrected is not None and (mod.bias is None or not torch.equal(mod.bias.detach(), corrected.detach())):
+                keep_uncorrected_bias(mod)  # the twin's float bias, for quantizers off
+                mod.bias = nn.Parameter(corrected.detach().clone())  # the int8 model's (bias-corrected) one
     twin.metrics = dict(qmodel.metrics)
     twin.calibration_batches = qmodel.calibration_batches
     return twin

@@ -28,22 +28,45 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
-from qdet.quant.quantizer import QuantConv2d, QuantLinear, Quantizer
+from qdet.quant.quantizer import QuantConv2d, QuantLinear, Quantizer, keep_uncorrected_bias
 
 
 class _InputMean:
+    """Running mean of a layer's input: per channel, and per position (C, H, W) while every batch
+    has the same shape and the map is small enough to keep (`POSITIONAL_LIMIT` elements)."""
+
+    POSITIONAL_LIMIT = 1 << 22
+
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
         self.count = 0
+        self.pos_sum: torch.Tensor | None = None
+        self.pos_count = 0
+        self.positional_ok = True
 
     def add(self, x: torch.Tensor, channel_dim: int) -> None:
+        x = x.detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-        s = x.detach().to(torch.float64).sum(dims)
+        s = x.sum(dims)
         self.sum = s if self.sum is None else self.sum + s
         self.count += x.numel() // x.shape[channel_dim]
+        if channel_dim != 1 or x.dim() < 3 or x[0].numel() > self.POSITIONAL_LIMIT:
+            self.positional_ok = False
+        if not self.positional_ok:
+            return
+        if self.pos_sum is not None and self.pos_sum.shape != x.shape[1:]:
+            self.positional_ok, self.pos_sum = False, None  # varying input sizes: per channel only
+            return
+        p = x.sum(0)
+        self.pos_sum = p if self.pos_sum is None else self.pos_sum + p
+        self.pos_count += x.shape[0]
 
     def mean(self) -> torch.Tensor | None:
         return None if self.sum is None or not self.count else self.sum / self.count
+
+    def positional_mean(self) -> torch.Tensor | None:
+        """(C, H, W) mean over samples, or None where it was not kept."""
+        return self.pos_sum / self.pos_count if self.positional_ok and self.pos_sum is not None else None
 
 
 @contextmanager
@@ -69,11 +92,19 @@ def input_means(model: nn.Module) -> Iterator[dict[nn.Module, _InputMean]]:
 
 
 def correct_biases(means: dict[nn.Module, _InputMean] | dict[nn.Module, torch.Tensor]) -> int:
-    """Add (W − Q(W)) · E[x] to each layer's bias (creating one if needed); returns how many changed.
-    `means`: per layer, its input's per-channel mean (a tensor, or an accumulator of one)."""
+    """Add the output mean shift rounding causes, E[(W − Q(W)) * x], to each layer's bias (creating
+    one if needed); returns how many changed. `means`: per layer, its input's mean (a per-channel
+    tensor, or an accumulator of one).
+
+    Where the accumulator kept the per-position input mean, the shift is that mean convolved with
+    W − Q(W) (the conv's own stride, padding, groups) and averaged over output positions: exact for
+    a linear layer, and it knows that border outputs see fewer taps. A 5×5 depthwise conv on an 8×8
+    map applies on average about half its kernel; the per-channel form (kernel sum × channel mean)
+    would over-correct every border position."""
     changed = 0
     for mod, acc in means.items():
         mean = acc.mean() if isinstance(acc, _InputMean) else acc.to(torch.float64)
+        positional = acc.positional_mean() if isinstance(acc, _InputMean) else None
         wq = getattr(mod, "weight_quant", None)
         if mean is None or not isinstance(wq, Quantizer) or not wq.calibrated:
             continue
@@ -82,12 +113,15 @@ def correct_biases(means: dict[nn.Module, _InputMean] | dict[nn.Module, torch.Te
             err = w - wq(mod.weight.detach()).to(torch.float64)  # what rounding took away
             if isinstance(mod, QuantLinear):
                 shift = err @ mean
+            elif positional is not None:
+                shift = mod._conv_forward(positional.unsqueeze(0), err, None).mean((0, *range(2, err.dim())))
             else:
                 groups = mod.groups
                 per_group = mean.reshape(groups, -1)  # (groups, C_in / groups)
                 out_per_group = err.shape[0] // groups
-                summed = err.sum((2, 3)).reshape(groups, out_per_group, -1)  # (groups, C_out/g, C_in/g)
+                summed = err.sum(tuple(range(2, err.dim()))).reshape(groups, out_per_group, -1)
                 shift = torch.einsum("goi,gi->go", summed, per_group).reshape(-1)
+            keep_uncorrected_bias(mod)
             if mod.bias is None:
                 mod.bias = nn.Parameter(torch.zeros(err.shape[0], dtype=mod.weight.dtype))
             mod.bias.add_(shift.to(mod.bias.dtype))

@@ -51,6 +51,7 @@ from qdet.quant.quantizer import (
     QuantLinear,
     TiedQuantizer,
     grid_bias,
+    keep_uncorrected_bias,
 )
 
 
@@ -224,6 +225,7 @@ def _process_layer(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env_f: dic
         assert algos.bias_correction is not None
         limit = algos.bias_correction.max_images
         shift = _channel_means(_first_images_list(ref, limit)) - _channel_means(_first_images_list(outs, limit))
+        keep_uncorrected_bias(mod)
         if mod.bias is None:
             mod.bias = nn.Parameter(torch.zeros(shift.numel(), dtype=mod.weight.dtype))
         # the shift was measured with the bias the kernel adds (snapped to the int32 grid): correct that one,

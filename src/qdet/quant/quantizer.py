@@ -184,6 +184,15 @@ def link_input_quantizer(mod: nn.Module, source: "Quantizer | None") -> None:
     object.__setattr__(mod, "input_quant", source)
 
 
+def keep_uncorrected_bias(mod: nn.Module) -> None:
+    """Before a bias correction first changes `mod.bias`: keep the float bias (a non-persistent
+    buffer, zeros where there was none) for when the layer's weight quantizer is switched off —
+    sensitivity analysis runs layers with float weights, which must not carry the correction."""
+    if getattr(mod, "uncorrected_bias", None) is None:
+        b = mod.bias.detach().clone() if mod.bias is not None else torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype)
+        mod.register_buffer("uncorrected_bias", b, persistent=False)
+
+
 def grid_bias(mod: "QuantConv2d | QuantLinear") -> torch.Tensor | None:
     """The bias an integer kernel adds: b rounded onto the int32 accumulator grid S_x · S_w.
 
@@ -196,6 +205,8 @@ def grid_bias(mod: "QuantConv2d | QuantLinear") -> torch.Tensor | None:
     """
     b = mod.bias
     xq, wq = getattr(mod, "input_quant", None), getattr(mod, "weight_quant", None)
+    if isinstance(wq, Quantizer) and not wq.enabled and getattr(mod, "uncorrected_bias", None) is not None:
+        return mod.uncorrected_bias  # a bias correction answers the rounded weights: off with them
     if b is None or not isinstance(xq, Quantizer) or not isinstance(wq, Quantizer):
         return b
     if not (xq.enabled and xq.calibrated and wq.enabled and (wq.calibrated or wq.dynamic)):

@@ -246,6 +246,9 @@ def _float_copy(mod: QuantConv2d | QuantLinear) -> nn.Module:
     else:
         new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
     new.load_state_dict({k: v for k, v in mod.state_dict().items() if not k.startswith("weight_quant")})
+    if getattr(mod, "uncorrected_bias", None) is not None:  # the float model has no bias correction
+        with torch.no_grad():
+            new.bias.copy_(mod.uncorrected_bias)
     return new.eval()
 
 
