@@ -74,16 +74,25 @@ def test_correction_knows_the_border_taps_padding_drops() -> None:
     assert errors["positional"] < 0.01 * errors["plain"]
 
 
-def test_a_layer_with_float_weights_gets_its_uncorrected_bias_back() -> None:
-    """Sensitivity analysis switches single layers' quantizers off: the correction must go with them."""
-    from qdet.analysis.points import all_switches
-
+@pytest.fixture(scope="module")
+def corrected_net():
+    """A small conv net with coarse first-layer weights, quantized with the default bias correction."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     with torch.no_grad():
         net[0].weight.mul_(5.0)
     x = torch.rand(8, 3, 12, 12) + 1.0
-    qm = quantize(net, [x], QuantConfig(), progress=False)
+    return net, x, quantize(net, [x], QuantConfig(), progress=False)
+
+
+def test_a_layer_with_float_weights_gets_its_uncorrected_bias_back(corrected_net) -> None:
+    """Sensitivity analysis switches single layers' quantizers off: the correction must go with them."""
+    import copy
+
+    from qdet.analysis.points import all_switches
+
+    net, x, qm = corrected_net
+    qm = copy.deepcopy(qm)
     conv = next(m for m in qm.modules() if hasattr(m, "uncorrected_bias"))
     assert not torch.equal(conv.bias, conv.uncorrected_bias)
     for m in all_switches(qm):
@@ -93,15 +102,10 @@ def test_a_layer_with_float_weights_gets_its_uncorrected_bias_back() -> None:
 
 
 @pytest.mark.parametrize("runtime", ["reference", "torch", "onnxruntime", "openvino", "integer"])
-def test_float_baselines_carry_no_bias_correction(runtime) -> None:
+def test_float_baselines_carry_no_bias_correction(runtime, corrected_net) -> None:
     """`lower(qm, quantized=False)` is the float model, whose biases were never corrected."""
     pytest.importorskip({"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime, "torch"))
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    with torch.no_grad():
-        net[0].weight.mul_(5.0)
-    x = torch.rand(8, 3, 12, 12) + 1.0
-    qm = quantize(net, [x], QuantConfig(), progress=False)
+    net, x, qm = corrected_net
     assert any(hasattr(m, "uncorrected_bias") for m in qm.modules())
     with torch.no_grad():
         torch.testing.assert_close(qdet.lower(qm, runtime, quantized=False)(x), net(x), rtol=1e-4, atol=1e-4)
