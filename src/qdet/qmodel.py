@@ -248,9 +248,7 @@ def with_float_weights(
         if src.calibrated:
             q.set_qparams(src.scale, src.zero_point)
         q.observer, q.observing, q.calibrated = None, False, src.calibrated
-    from qdet.quant.quantizer import QuantConv2d, QuantLinear, weight_codes
-
-    from qdet.quant.quantizer import keep_uncorrected_bias
+    from qdet.quant.quantizer import QuantConv2d, QuantLinear, keep_uncorrected_bias, weight_codes
 
     loaded = dict(qmodel.model.named_modules())
     for name, mod in twin.model.named_modules():

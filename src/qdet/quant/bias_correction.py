@@ -1,20 +1,21 @@
 """Bias correction: give back to each conv/linear the mean its rounded weights take away.
 
-Rounding weights to int8 shifts each output channel's mean by (W − Q(W)) · E[x]: small per weight,
-but on a depthwise conv with 9 weights per channel and BN-folded scales it is a systematic offset
-that the next layers amplify. With the per-channel input means of the float activations (collected
-during calibration, when quantizers still pass values through), the shift is removed from the bias
-in closed form — the idea of NNCF's "fast bias correction", computed here from input means and the
-weight error instead of by re-running each layer.
+Rounding weights to int8 shifts each output channel's mean by E[(W − Q(W)) * x]: small per weight,
+but on a depthwise conv with 9 or 25 weights per channel and BN-folded scales it is a systematic
+offset that the next layers amplify. With the float inputs' means (collected during calibration,
+when quantizers still pass values through; per position where sizes are fixed, so padding is
+accounted for), the shift is removed from the bias in closed form — qdet's default
+(`PTQAlgorithms().bias_correction`), the idea of NNCF's "fast bias correction" without re-running
+each layer.
 
     >>> import torch
     >>> from torch import nn
-    >>> from qdet.config import QuantConfig
+    >>> from qdet.config import PTQAlgorithms, QuantConfig
     >>> from qdet.qmodel import quantize
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.ReLU()).eval()
     >>> x = torch.rand(16, 3, 12, 12) + 2.0  # a large input mean makes the weight error show
-    >>> plain = quantize(net, [x], QuantConfig(), progress=False)
-    >>> corrected = quantize(net, [x], QuantConfig(bias_correction=True), progress=False)
+    >>> plain = quantize(net, [x], QuantConfig(ptq=PTQAlgorithms(bias_correction=None)), progress=False)
+    >>> corrected = quantize(net, [x], QuantConfig(), progress=False)
     >>> err = lambda qm: (qm(x) - net(x)).mean((0, 2, 3)).abs().max().item()
     >>> err(corrected) < err(plain)
     True
