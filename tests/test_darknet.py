@@ -500,3 +500,17 @@ def test_fuse_leaky_mish_quantizes_only_the_activation_output_and_openvino_fuses
     n_after = lambda tag: sum(kind in ("Subgraph", "Eltwise") for kind, _ in ops[tag])  # noqa: E731
     # separate: per activation a DQ → LeakyRelu → Q subgraph (mish: DQ, then the Mish in f32, then Q)
     assert n_after("separate") - n_after("fused") == {"leaky": 2, "mish": 6}[act]
+
+
+def test_channel_major_decode_equals_the_island_decode():
+    """Darknet's whole-graph decode (both coordinate forms, scale_x_y) gives the island numbers box for box."""
+    from qdet.models.darknet.model import YoloSpec, decode_darknet, decode_darknet_for_selection
+    from qdet.models.yolo.postprocess import xywh2xyxy
+
+    torch.manual_seed(0)
+    heads = [YoloSpec(((10.0, 14.0), (23.0, 27.0)), 3, 1.05, False, 16), YoloSpec(((37.0, 58.0),), 3, 2.0, True, 8)]
+    raw = [torch.randn(2, 2 * 8, 4, 6), torch.rand(2, 8, 8, 12)]
+    pred = decode_darknet(raw, heads, (64, 96))
+    boxes, scores = decode_darknet_for_selection(raw, heads, (64, 96))
+    torch.testing.assert_close(boxes, xywh2xyxy(pred[..., :4]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, (pred[..., 5:] * pred[..., 4:5]).transpose(1, 2), rtol=0, atol=1e-6)

@@ -236,6 +236,35 @@ def decode_darknet(raw: Sequence[torch.Tensor], heads: Sequence["YoloSpec | Yolo
     return torch.cat(out, 1)
 
 
+def decode_darknet_for_selection(raw: Sequence[torch.Tensor], heads: Sequence["YoloSpec | YoloHead"],
+                                 input_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_darknet` + corners + objectness · class scores, channel-major for the whole graph:
+    (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)), N in the same order (`selection_layout`)."""
+    from qdet.models.yolo.model import selection_layout
+
+    in_h, in_w = input_hw
+    boxes, scores = [], []
+    for p, head in zip(raw, heads):
+        b, _, h, w = p.shape
+        na, no = len(head.anchors), head.classes + 5
+        t = p.float().view(b, na, no, h * w)  # (B, na, no, HW)
+        gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=p.device),
+                                torch.arange(w, dtype=torch.float32, device=p.device), indexing="ij")
+        grid = torch.stack((gx.reshape(-1), gy.reshape(-1)), 0).view(1, 1, 2, h * w)
+        step = torch.tensor([in_w / w, in_h / h], device=p.device).view(1, 1, 2, 1)
+        anchors = torch.tensor(head.anchors, dtype=torch.float32, device=p.device).view(1, na, 2, 1)
+        s = head.scale_x_y
+        if head.new_coords:
+            xy01, wh, rest = t[:, :, 0:2], (2 * t[:, :, 2:4]) ** 2 * anchors, t[:, :, 4:]
+        else:
+            xy01, wh, rest = t[:, :, 0:2].sigmoid(), t[:, :, 2:4].exp() * anchors, t[:, :, 4:].sigmoid()
+        xy = (xy01 * s - (s - 1) / 2 + grid) * step
+        level_boxes, level_scores = selection_layout(xy, wh, rest[:, :, 0:1], rest[:, :, 1:])
+        boxes.append(level_boxes)
+        scores.append(level_scores)
+    return torch.cat(boxes, 1), torch.cat(scores, 2)
+
+
 @dataclass(frozen=True)
 class YoloSpec:
     """What decoding needs of one [yolo] layer (plain data: the body may be replaced by a traced graph)."""
@@ -277,6 +306,10 @@ class DarknetDetector(nn.Module):
         if x.dim() != 4 or x.shape[-2] % step or x.shape[-1] % step:
             raise ConfigError(f"Darknet input must be (B, C, H, W) with H and W multiples of {step}, got {tuple(x.shape)}")
         return self.decode(self.body(x), tuple(x.shape[-2:]))
+
+    def boxes_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole graph's decode: (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)), channel-major."""
+        return decode_darknet_for_selection(self.body(x), self.heads, tuple(x.shape[-2:]))
 
 
 def init_head_priors(body: DarknetBody, img_size: int = 416) -> None:

@@ -33,8 +33,8 @@ class DecodedToScores(nn.Module):
     """`detector(x)` = decoded (B, N, 5+nc) xywh, objectness, class probabilities →
     (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N) = objectness · class probability).
 
-    A detector with a `boxes_and_scores(x)` method giving those two directly (YOLOv5's
-    channel-major decode, cheaper in the graph) is used through it instead."""
+    A detector with a `boxes_and_scores(x)` method giving those two directly (YOLOv5's and
+    Darknet's channel-major decodes, cheaper in the graph) is used through it instead."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()

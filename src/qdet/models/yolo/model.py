@@ -198,16 +198,25 @@ def decode_maps(
     return torch.cat(out, 1)  # (B, N, 5+nc)
 
 
+def selection_layout(xy: torch.Tensor, wh: torch.Tensor, obj: torch.Tensor, cls: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's channel-major decode, (B, na, k, HW) each (k = 2, 2, 1, nc) → (corners (B, na·HW, 4)
+    x1 y1 x2 y2, scores (B, nc, na·HW) = objectness · class probability), boxes in (anchor, y, x) order.
+
+    The whole graph's layout: the conv maps are already (channel, position), which is how
+    NonMaxSuppression wants its scores, so only the 4 box channels are transposed, never the
+    (5 + nc)-channel tensor (in OpenVINO the token-major decode + transpose back measured ~2.3× slower)."""
+    b, na, _, hw = xy.shape
+    corners = torch.cat((xy - wh / 2, xy + wh / 2), 2)  # (B, na, 4, HW)
+    scores = (cls * obj).permute(0, 2, 1, 3).reshape(b, cls.shape[2], na * hw)
+    return corners.permute(0, 1, 3, 2).reshape(b, na * hw, 4), scores
+
+
 def decode_maps_for_selection(
     raw: Sequence[torch.Tensor], anchors: torch.Tensor, stride: Sequence[float], na: int, no: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw maps → (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N) = objectness · class probability),
-    the same numbers as `decode_maps` + `xywh2xyxy` and N in the same (level, anchor, y, x) order.
-
-    Channel-major for the whole graph: the conv maps are already (class, position), which is the
-    layout NonMaxSuppression wants its scores in, so only the 4 box channels are transposed, never
-    the 85-channel tensor (in OpenVINO the token-major decode + transpose back measured ~2.3× slower).
-    """
+    """Raw maps → (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)): the numbers of `decode_maps` +
+    `xywh2xyxy`, N in the same (level, anchor, y, x) order, in `selection_layout`."""
     boxes, scores = [], []
     for i, p in enumerate(raw):
         b, _, h, w = p.shape
@@ -221,11 +230,10 @@ def decode_maps_for_selection(
         s = stride[i]
         anchor_px = (anchors[i].float().to(p.device) * s).view(1, na, 2, 1)
         xy = (y[:, :, 0:2] * 2 - 0.5 + grid) * s
-        half_wh = (y[:, :, 2:4] * 2) ** 2 * anchor_px / 2
-        corners = torch.cat((xy - half_wh, xy + half_wh), 2)  # (B, na, 4, HW)
-        boxes.append(corners.permute(0, 1, 3, 2).reshape(b, -1, 4))
-        cls = y[:, :, 5:] * y[:, :, 4:5]  # (B, na, nc, HW)
-        scores.append(cls.permute(0, 2, 1, 3).reshape(b, no - 5, -1))
+        wh = (y[:, :, 2:4] * 2) ** 2 * anchor_px
+        level_boxes, level_scores = selection_layout(xy, wh, y[:, :, 4:5], y[:, :, 5:])
+        boxes.append(level_boxes)
+        scores.append(level_scores)
     return torch.cat(boxes, 1), torch.cat(scores, 2)
 
 
