@@ -55,9 +55,12 @@ def logits_and_labels(fn, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(outs), torch.cat(labels)
 
 
-def top1(fn, loader) -> float:
-    logits, labels = logits_and_labels(fn, loader)
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def top1(fn, loader) -> float:
+    return accuracy(*logits_and_labels(fn, loader))
 
 
 def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -117,7 +120,7 @@ def main() -> None:
 
     def row(name: str, fn, started: float) -> None:
         logits, labels = logits_and_labels(fn, evaluation)
-        acc = 100.0 * float((logits.argmax(1) == labels).float().mean())
+        acc = accuracy(logits, labels)
         if not reference and name.startswith("float"):
             reference.append(logits)
         rows.append({"model": name, "top1": round(acc, 2), "d_top1": round(acc - rows[0]["top1"], 2) if rows else 0.0,

@@ -57,12 +57,13 @@ def test_correction_knows_the_border_taps_padding_drops() -> None:
         net[0].weight.mul_(9.0)
     x = torch.rand(64, 8, 6, 6) * 2 + 3.0  # a large input mean: the weight error shows in the output mean
     errors = {}
-    for name, limit in (("positional", _InputMean.POSITIONAL_LIMIT), ("per_channel", 0)):
+    limit_before = _InputMean.POSITIONAL_LIMIT
+    for name, limit in (("positional", limit_before), ("per_channel", 0)):
         _InputMean.POSITIONAL_LIMIT = limit
         try:
             qm = quantize(net, [x], QuantConfig(), progress=False)
         finally:
-            _InputMean.POSITIONAL_LIMIT = 1 << 22
+            _InputMean.POSITIONAL_LIMIT = limit_before
         _only_weights_quantized(qm)
         with torch.no_grad():
             errors[name] = float((qm(x) - net(x)).mean((0, 2, 3)).abs().max())

@@ -34,6 +34,7 @@ from qdet.models.darknet.layers import (
     YoloHead,
 )
 from qdet.models.random_init import lively_init_
+from qdet.models.yolo.model import cell_xy, selection_layout
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,7 @@ def decode_darknet(raw: Sequence[torch.Tensor], heads: Sequence["YoloSpec | Yolo
         b, _, h, w = p.shape
         na, no = len(head.anchors), head.classes + 5
         t = p.float().view(b, na, no, h, w).permute(0, 1, 3, 4, 2)  # (B, na, H, W, no)
-        gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=p.device),
-                                torch.arange(w, dtype=torch.float32, device=p.device), indexing="ij")
-        grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)
+        grid = cell_xy(h, w, p.device).t().reshape(1, 1, h, w, 2)
         step = torch.tensor([in_w / w, in_h / h], device=p.device)  # pixels per cell (x, y)
         anchors = torch.tensor(head.anchors, dtype=torch.float32, device=p.device).view(1, na, 1, 1, 2)
         s = head.scale_x_y
@@ -240,17 +239,13 @@ def decode_darknet_for_selection(raw: Sequence[torch.Tensor], heads: Sequence["Y
                                  input_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """`decode_darknet` + corners + objectness · class scores, channel-major for the whole graph:
     (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)), N in the same order (`selection_layout`)."""
-    from qdet.models.yolo.model import selection_layout
-
     in_h, in_w = input_hw
     boxes, scores = [], []
     for p, head in zip(raw, heads):
         b, _, h, w = p.shape
         na, no = len(head.anchors), head.classes + 5
         t = p.float().view(b, na, no, h * w)  # (B, na, no, HW)
-        gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=p.device),
-                                torch.arange(w, dtype=torch.float32, device=p.device), indexing="ij")
-        grid = torch.stack((gx.reshape(-1), gy.reshape(-1)), 0).view(1, 1, 2, h * w)
+        grid = cell_xy(h, w, p.device).view(1, 1, 2, h * w)
         step = torch.tensor([in_w / w, in_h / h], device=p.device).view(1, 1, 2, 1)
         anchors = torch.tensor(head.anchors, dtype=torch.float32, device=p.device).view(1, na, 2, 1)
         s = head.scale_x_y

@@ -171,6 +171,13 @@ def run_layers(layers: nn.ModuleList, froms: Sequence[From], save: frozenset[int
     return y
 
 
+def cell_xy(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """(2, H·W) float32: each cell's x (column) and y (row) index, cells in row-major (y, x) order."""
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    return torch.stack((gx.reshape(-1), gy.reshape(-1)), 0)
+
+
 def decode_maps(
     raw: Sequence[torch.Tensor], anchors: torch.Tensor, stride: Sequence[float], na: int, no: int
 ) -> torch.Tensor:
@@ -183,12 +190,7 @@ def decode_maps(
         b, _, h, w = p.shape
         # (B, na*no, H, W) → (B, na, H, W, no); float even when the raw map came from an int8 runtime
         y = p.float().view(b, na, no, h, w).permute(0, 1, 3, 4, 2).sigmoid()
-        gy, gx = torch.meshgrid(
-            torch.arange(h, device=p.device, dtype=torch.float32),
-            torch.arange(w, device=p.device, dtype=torch.float32),
-            indexing="ij",
-        )
-        grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)  # cell x, y
+        grid = cell_xy(h, w, p.device).t().reshape(1, 1, h, w, 2)  # cell x, y
         s = stride[i]
         anchor_px = (anchors[i].float().to(p.device) * s).view(1, na, 1, 1, 2)
         # v6.1 parameterisation: centres may leave their cell by half a cell; sizes up to 4× the anchor.
@@ -221,12 +223,7 @@ def decode_maps_for_selection(
     for i, p in enumerate(raw):
         b, _, h, w = p.shape
         y = p.float().view(b, na, no, h * w).sigmoid()  # (B, na, no, HW)
-        gy, gx = torch.meshgrid(
-            torch.arange(h, device=p.device, dtype=torch.float32),
-            torch.arange(w, device=p.device, dtype=torch.float32),
-            indexing="ij",
-        )
-        grid = torch.stack((gx.reshape(-1), gy.reshape(-1)), 0).view(1, 1, 2, h * w)
+        grid = cell_xy(h, w, p.device).view(1, 1, 2, h * w)
         s = stride[i]
         anchor_px = (anchors[i].float().to(p.device) * s).view(1, na, 2, 1)
         xy = (y[:, :, 0:2] * 2 - 0.5 + grid) * s
