@@ -217,12 +217,17 @@ def test_shard_bounds_cover_every_unit_once():
 
 
 # ------------------------------------------------------------------ Ray equals serial
+def _pinning(_):
+    return os.environ.get("QDET_OPENVINO_CPU_PINNING")
+
+
 def test_ray_backend_runs_tasks_on_one_thread_workers(ray_backend):
     def probe(_, x):
         return [x, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.getpid()]
 
     out = ray_backend.map(probe, None, [Task(f"t{i}", (i,)) for i in range(6)], progress=False)
     assert [o[0] for o in out] == list(range(6)) and {o[1] for o in out} == {1} and {o[2] for o in out} == {"1"}
+    assert ray_backend.map(_pinning, None, [Task("p")], progress=False) == ["0"]  # OpenVINO threads not pinned
     assert os.getpid() not in {o[3] for o in out}  # ran in worker processes, not here
     assert ray_backend.workers == 2
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from synthetic_coco import write_tiny_coco
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -118,33 +117,9 @@ def test_faster_rcnn_qat_with_frozen_bn_trains_converts_and_runs_on_every_runtim
     assert {"reference", "torch"} <= set(ran)
 
 
-def _write_tiny_coco(root: Path) -> Path:
-    """train2017 (4 images) and val2017 (3 images) of 96×72 noise with two boxes each, COCO layout."""
-    from PIL import Image
-
-    (root / "annotations").mkdir(parents=True)
-    for split, n, seed in (("train2017", 4, 1), ("val2017", 3, 2)):
-        rng = np.random.default_rng(seed)
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(n):
-            image_id = seed * 100 + i
-            name = f"{image_id:012d}.png"
-            Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / name)
-            images.append({"id": image_id, "file_name": name, "height": 72, "width": 96})
-            for k, cat in enumerate((1, 18)):
-                x, y = float(rng.integers(0, 40)), float(rng.integers(0, 30))
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "iscrowd": 0,
-                             "bbox": [x, y, 30.0 + 10 * k, 25.0], "area": 750.0})
-        cats = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
-        (root / "annotations" / f"instances_{split}_subset.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
-
-
 def test_qat_cli_on_a_tiny_random_yolo_end_to_end(tmp_path):
     """`qdet qat yolov5n`: train2017 calibrates and fine-tunes, val2017 evaluates, one table, a model that reloads."""
-    data, out, js = _write_tiny_coco(tmp_path / "coco"), tmp_path / "y-qat.qdet", tmp_path / "y-qat.json"
+    data, out, js = write_tiny_coco(tmp_path / "coco"), tmp_path / "y-qat.qdet", tmp_path / "y-qat.json"
     runtime = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
     code = main(["qat", "yolov5n", "--weights", "random", "--data", str(data), "--img-size", "64", "--steps", "2",
                  "--batch-size", "2", "--calib-images", "4", "--calib-batch", "2", "--freeze-observers", "2",

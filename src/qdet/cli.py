@@ -187,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scope", choices=["detector", "backbone"], default=None,
                    help="SSD models: int8 for the whole network (detector, default) or the backbone only")
     _add_reference(q)
+    from qdet.parallel.cli import add_ray_options
+
+    add_ray_options(q, evaluation=True)
 
     e = sub.add_parser("eval", help="evaluate a saved quantized model against its float model", description="Accuracy of float vs a saved .qdet model on the same data and runtime.")
     _add_common(e)
     e.add_argument("--qmodel", required=True, help="a .qdet file written by `qdet quantize`")
     e.add_argument("--bench", action="store_true", help="also time float and int8 (latency columns; default: off)")
     _add_reference(e)
+    add_ray_options(e, evaluation=True)
 
     a = sub.add_parser("analyze", help="per-layer error analysis: tables, activation maps, hexbins, HTML report",
                        description="Quantize (or load --qmodel), evaluate float vs int8, then capture float and int8 "
@@ -419,6 +423,21 @@ def _job_options(args: argparse.Namespace, **extra: Any):
     )
 
 
+def _ray(args: argparse.Namespace) -> dict[str, Any]:
+    return {"ray": args.ray, "ray_workers": args.ray_workers}
+
+
+def check_sharded_evaluation(args: argparse.Namespace, adapter: Any) -> None:
+    """`--ray` on eval/quantize: Ray installed, options consistent, the adapter's evaluation shardable."""
+    from qdet.models.base import Task
+    from qdet.parallel.cli import check_ray_options
+
+    check_ray_options(args)
+    if args.ray and adapter.task is not Task.CLASSIFICATION and not callable(getattr(adapter, "predict", None)):
+        raise ConfigError(f"--ray: model {adapter.name!r} has no evaluation that splits into image shards "
+                          "(predict/score); evaluate it without --ray")
+
+
 def _emit(result: Any, args: argparse.Namespace) -> None:
     print(result.title)
     print(result.table())
@@ -463,9 +482,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option.replace('_', '-')} is for --model-file models only")
     adapter = resolve_adapter(args)
+    check_sharded_evaluation(args, adapter)
     model = build_model(adapter, args)
     cfg = config_from_args(args)
-    result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench))
+    result, qm = compare_job(adapter, model, cfg, _job_options(args, bench=not args.no_bench, **_ray(args)))
     out = Path(args.out or f"runs/{args.model}.qdet")
     api.save(qm, out)
     _emit(result, args)
@@ -481,6 +501,9 @@ def cmd_quantize_model_file(args: argparse.Namespace) -> None:
 
     if args.model is not None:
         raise ConfigError(f"give either a model name ({args.model!r}) or --model-file, not both")
+    if args.ray:
+        raise ConfigError("--ray is for named models: a --model-file model would have to be importable in every "
+                          "Ray worker; evaluate it without --ray")
     for option in ("weights", "num_classes"):
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option.replace('_', '-')} is not used with --model-file (build the model, "
@@ -502,10 +525,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qdet.jobs import compare_job
 
     adapter = resolve_adapter(args)
+    check_sharded_evaluation(args, adapter)
     model = build_model(adapter, args)
     qm = api.load(args.qmodel, build_model(adapter, args))
     stored = dict(qm.metrics)
-    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=args.bench), qmodel=qm)
+    result, _ = compare_job(adapter, model, qm.config, _job_options(args, bench=args.bench, **_ray(args)), qmodel=qm)
     result.notes.append(stored_comparison(stored, result))
     _emit(result, args)
 

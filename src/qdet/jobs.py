@@ -54,6 +54,8 @@ class JobOptions:
     data: str | None = None
     progress: bool = True
     with_reference: bool = False  # classifiers: also evaluate the (slow) fake-quant reference simulation
+    ray: str | None = None  # evaluate in image shards on Ray: "auto" (local) or a cluster address
+    ray_workers: int = 0  # with ray="auto": worker processes (0: one per core)
 
 
 def calibration_loader(adapter: Any, opts: JobOptions) -> Any:
@@ -115,10 +117,24 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     if opts.with_reference and adapter.task is Task.CLASSIFICATION and opts.runtime != "reference":
         candidates["int8 (reference simulation)"] = ("reference", qmodel)
     rows: list[dict[str, Any]] = []
-    for label, (runtime, fn) in candidates.items():
-        with torch_threads(opts.threads):
-            res = api.evaluate(fn, adapter, eval_set, progress=opts.progress, desc=label)
-        rows.append({"model": label, "runtime": runtime, **headline_metrics(res)})
+    notes: list[str] = []
+    if opts.ray:
+        from qdet.parallel.evaluation import portable
+
+        shipped = {  # what the workers receive (a lowered model that does not pickle is lowered there)
+            "float (PyTorch eager)": model,
+            f"float ({opts.runtime})": portable(lowered_f, lambda: float_twin_for(adapter, model, qmodel),
+                                                opts.runtime, quantized=False),
+            f"int8 ({opts.runtime})": portable(lowered_q, lambda: qmodel, opts.runtime, quantized=True),
+            "int8 (reference simulation)": qmodel,
+        }
+        jobs = {label: (runtime, shipped[label]) for label, (runtime, _) in candidates.items()}
+        notes.append(_evaluate_on_ray(adapter, eval_set, opts, jobs, rows))
+    else:
+        for label, (runtime, fn) in candidates.items():
+            with torch_threads(opts.threads):
+                res = api.evaluate(fn, adapter, eval_set, progress=opts.progress, desc=label)
+            rows.append({"model": label, "runtime": runtime, **headline_metrics(res)})
     metric_keys = tuple(k for k in rows[0] if k not in ("model", "runtime"))
     key = metric_keys[0]
     for r in rows:
@@ -150,6 +166,8 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
         "calibration_batches": qmodel.calibration_batches, "eval_images": len(eval_set),
         "threads": opts.threads, "seed": opts.seed, "runtime": opts.runtime, "quantize_seconds": quant_s,
     }
+    if opts.ray:
+        meta["evaluation"] = notes[-1]
     cov = coverage(qmodel)
     warn_if_runtime_float(cov.add_runtime(lowered_q))  # what the runtime really executes in int8
     meta["coverage"] = cov.as_dict()
@@ -158,8 +176,26 @@ def compare_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, opts: Jo
     cols = ["model", *metric_keys, f"d_{key}", "size_mb"]
     if opts.bench:  # untimed jobs (eval, --no-bench) show no empty latency columns
         cols += ["latency_ms", "speedup_vs_eager", "speedup_vs_same_runtime_fp32"]
-    title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {opts.threads} threads)"
-    return JobResult(title, rows, cols, meta, [cov.table()]), qmodel
+    threads = "evaluated by 1-thread Ray workers" if opts.ray else f"{opts.threads} threads"
+    title = f"{adapter.name}: float vs int8 ({len(eval_set)} images, {threads})"
+    return JobResult(title, rows, cols, meta, [cov.table(), *notes]), qmodel
+
+
+def _evaluate_on_ray(adapter: Any, eval_set: Any, opts: JobOptions, jobs: dict[str, tuple[str, Any]],
+                     rows: list[dict[str, Any]]) -> str:
+    """Each (runtime, model) of `jobs` evaluated in image shards on Ray (`qdet.parallel.evaluation`),
+    a row appended per job; returns the note saying how, and what the numbers equal."""
+    from qdet.parallel import make_backend
+    from qdet.parallel.evaluation import evaluate_sharded
+
+    t0 = time.perf_counter()
+    with make_backend(opts.ray, workers=opts.ray_workers) as backend:
+        for label, (runtime, model) in jobs.items():
+            res = evaluate_sharded(model, adapter, eval_set, backend, progress=opts.progress, desc=label)
+            rows.append({"model": label, "runtime": runtime, **headline_metrics(res)})
+        how = f"{backend.workers} workers x {backend.threads} thread"
+    return (f"evaluated in image shards on Ray ({how}, {time.perf_counter() - t0:.1f} s): the numbers of a "
+            "one-pass evaluation with --threads 1")
 
 
 def lower_float(adapter: Any, model: torch.nn.Module, qmodel: QuantizedModel, runtime: str, *,
@@ -167,8 +203,13 @@ def lower_float(adapter: Any, model: torch.nn.Module, qmodel: QuantizedModel, ru
     """The float model on `runtime`: `model` prepared like `qmodel` (same BN-folded graph, so the
     speed-up compares like with like) with `model`'s own weights — also when `qmodel` was loaded
     from a `.qdet`, whose weights are the int8 codes (issue 21: "float" was 93.45, the float model 93.39)."""
+    return api.lower(float_twin_for(adapter, model, qmodel), runtime, quantized=False, threads=threads)
+
+
+def float_twin_for(adapter: Any, model: torch.nn.Module, qmodel: QuantizedModel) -> QuantizedModel:
+    """`model` prepared like `qmodel` (same regions, same BN-folded graph) with `model`'s own weights."""
     leaves = {r.path: r.leaf_modules for r in adapter.regions(model)} if adapter is not None else None
-    return api.lower(float_twin(qmodel, model, leaves), runtime, quantized=False, threads=threads)
+    return float_twin(qmodel, model, leaves)
 
 
 def headline_metrics(result: Any) -> dict[str, float]:

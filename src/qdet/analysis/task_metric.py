@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from qdet.errors import ConfigError
 from qdet.eval.classification import topk_correct
 from qdet.models.base import Task
+from qdet.parallel.backend import shard_bounds
 
 __all__ = ["TaskMetric", "classification_metric", "yolo_coco_metric", "runtime_metric", "sharded_metric", "shard_bounds",
            "check_metric_images", "task_metric"]
@@ -182,17 +183,6 @@ class runtime_metric(TaskMetric):
 def _shard_task(state: tuple[Any, Callable[..., Any]], start: int, stop: int) -> Any:
     metric, model = state
     return metric.shard(model, start, stop)
-
-
-def shard_bounds(units: int, shards: int) -> list[tuple[int, int]]:
-    """`units` split into `shards` contiguous, near-equal, non-empty ranges.
-
-    >>> shard_bounds(20, 3)
-    [(0, 7), (7, 13), (13, 20)]
-    """
-    shards = max(1, min(shards, units))
-    edges = [round(i * units / shards) for i in range(shards + 1)]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 class sharded_metric(TaskMetric):

@@ -13,7 +13,7 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qdet.errors import ConfigError, DataError
 
-__all__ = ["TopKResult", "evaluate_topk", "topk_correct"]
+__all__ = ["TopKResult", "count_topk", "evaluate_topk", "topk_correct", "topk_result"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,13 @@ def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader
         >>> result.as_dict()  # doctest: +SKIP
         {'top1': 91.73, 'top5': 99.72, 'n_images': 10000}
     """
+    return topk_result(*count_topk(model_or_callable, loader, topk=topk, progress=progress, desc=desc))
+
+
+def count_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader: Iterable[Any], *,
+               topk: Sequence[int] = (1, 5), progress: bool = True, desc: str = "eval") -> tuple[dict[int, int], int]:
+    """Top-k hit counts {k: hits} and the number of images over `loader`: what `evaluate_topk` turns
+    into percent, and what the shards of a sharded evaluation add up."""
     ks = sorted(set(topk))
     if not ks or ks[0] < 1 or not set(ks) <= {1, 5}:
         raise ConfigError(f"topk must be a non-empty subset of (1, 5), got {tuple(topk)}")
@@ -100,7 +107,16 @@ def evaluate_topk(model_or_callable: nn.Module | Callable[[Tensor], Any], loader
     if n == 0:
         raise DataError("the evaluation loader yielded no images")
     tally.warn("evaluation")
-    pct = {k: 100.0 * correct[k] / n for k in ks}
+    return correct, n
+
+
+def topk_result(correct: Mapping[int, int], n: int) -> TopKResult:
+    """Hit counts of `n` images → accuracies in percent.
+
+    >>> topk_result({1: 3, 5: 4}, 4)
+    TopKResult(top1=75.0, top5=100.0, n_images=4)
+    """
+    pct = {k: 100.0 * c / n for k, c in correct.items()}
     return TopKResult(top1=pct.get(1, float("nan")), top5=pct.get(5), n_images=n)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,33 +269,51 @@ class FasterRCNNAdapter:
         class_names (KITTI): detector label → KITTI class (default COCO_TO_KITTI for 91-class models,
         else the order of `qdet.data.kitti.KITTI_CLASSES`, label 1 = Car).
         """
+        data = data if data is not None else self.eval_dataset()
+        return self.score(self.predict(model, data, progress=progress, class_names=class_names, desc=desc), data)
+
+    def predict(self, model: Callable[..., Any], data: Any, *, indices: Sequence[int] | None = None,
+                progress: bool = True, class_names: Mapping[int, str] | None = None,
+                desc: str | None = None) -> list[Any]:
+        """`evaluate`'s first half over the images at `indices` (default all), one image per call:
+        COCO-json detections (CocoDetection), or per frame [[KITTI class, [x1, y1, x2, y2], score], ...]
+        (KittiDataset). JSON values, so shards travel and concatenate."""
         from qdet.data.coco import CocoDetection
         from qdet.data.kitti import KITTI_CLASSES, KittiDataset
 
-        data = data if data is not None else self.eval_dataset()
+        order = list(indices) if indices is not None else list(range(len(data)))
         n_classes = _num_classes(model, self.num_classes)
         if isinstance(data, KittiDataset):
-            from qdet.eval.kitti import detections_from_outputs, evaluate_kitti
+            from qdet.eval.kitti import detections_from_outputs
 
             if class_names is None:
                 class_names = COCO_TO_KITTI if n_classes == 91 else {i + 1: c for i, c in enumerate(KITTI_CLASSES)}
-            outputs = predict(model, data, progress=progress, desc=f"{desc or self.name}: KITTI inference (images)")
-            dets = [detections_from_outputs(out, class_names) for out in outputs]
-            return evaluate_kitti([data.labels(i) for i in range(len(data))], dets)
+            outputs = predict(model, data, indices=order, progress=progress,
+                              desc=f"{desc or self.name}: KITTI inference (images)")
+            return [[[d.type, list(d.box), d.score] for d in detections_from_outputs(out, class_names)]
+                    for out in outputs]
         if isinstance(data, CocoDetection):
-            from qdet.eval.coco import evaluate_coco
-
             if n_classes != 91:
                 raise ConfigError(f"{self.name}: COCO evaluation needs the 91-class COCO label space, the model has "
                                   f"{n_classes} classes; evaluate it on its own data (e.g. a KittiDataset)")
-            outputs = predict(model, _Images(data), progress=progress,
+            outputs = predict(model, _Images(data), indices=order, progress=progress,
                               desc=f"{desc or self.name}: COCO inference (images)")
-            dets = [{"image_id": int(image_id), "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                     "score": float(sc)}
-                    for image_id, out in zip(data.image_ids, outputs)
-                    for b, lab, sc in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
-            return evaluate_coco(dets, data.annotations_json, image_ids=data.image_ids)
+            return coco_json_detections([data.image_ids[i] for i in order], outputs)
         raise ConfigError(f"{self.name}: cannot evaluate on a {type(data).__name__}; pass a KittiDataset or CocoDetection")
+
+    def score(self, predictions: list[Any], data: Any) -> Any:
+        """`evaluate`'s second half: COCO detections scored once by pycocotools, or the KITTI
+        evaluation of every frame's detections (`predictions[i]` for frame i)."""
+        from qdet.data.kitti import KittiDataset
+
+        if isinstance(data, KittiDataset):
+            from qdet.eval.kitti import Detection, evaluate_kitti
+
+            dets = [[Detection(t, tuple(box), s) for t, box, s in frame] for frame in predictions]
+            return evaluate_kitti([data.labels(i) for i in range(len(data))], dets)
+        from qdet.eval.coco import evaluate_coco
+
+        return evaluate_coco(predictions, data.annotations_json, image_ids=data.image_ids)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -363,17 +381,29 @@ def _num_classes(model: Any, default: int) -> int:
     return default
 
 
-def predict(model: Callable[..., Any], data: Iterable[Any], *, progress: bool = True,
+def predict(model: Callable[..., Any], data: Any, *, indices: Sequence[int] | None = None, progress: bool = True,
             desc: str = "detecting (images)") -> list[dict[str, Tensor]]:
-    """Run `model` image by image over a dataset yielding images or (image, target); torchvision outputs."""
+    """Run `model` image by image over a dataset yielding images or (image, target) — or over the
+    items at `indices` of an indexable one; torchvision outputs."""
     from tqdm.auto import tqdm
 
+    items: Iterable[Any] = data if indices is None else (data[i] for i in indices)
+    total = len(indices) if indices is not None else (len(data) if hasattr(data, "__len__") else None)
     outputs = []
     with torch.no_grad():
-        for item in tqdm(data, desc=desc, disable=not progress, leave=False):
+        for item in tqdm(items, total=total, desc=desc, disable=not progress, leave=False):
             image = item[0] if isinstance(item, (tuple, list)) else item
             outputs.append({k: v.detach().cpu() for k, v in model([image])[0].items()})
     return outputs
+
+
+def coco_json_detections(image_ids: Sequence[int], outputs: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Any]]:
+    """torchvision outputs (x1, y1, x2, y2 boxes; labels = COCO category ids) of the images `image_ids`
+    → COCO result dicts {image_id, category_id, bbox [x, y, w, h], score}."""
+    return [{"image_id": int(image_id), "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+             "score": float(sc)}
+            for image_id, out in zip(image_ids, outputs)
+            for b, lab, sc in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
 
 
 FASTER_RCNN_ADAPTERS: tuple[FasterRCNNAdapter, ...] = (

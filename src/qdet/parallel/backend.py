@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from qdet.errors import ConfigError, QdetError
 from qdet.parallel.checkpoint import Checkpoint
 
-__all__ = ["Backend", "SerialBackend", "Shared", "Task", "TaskError", "describe", "run_one", "task_seed"]
+__all__ = ["Backend", "SerialBackend", "Shared", "Task", "TaskError", "describe", "run_one", "shard_bounds", "task_seed"]
 
 TaskFn = Callable[..., Any]  # fn(shared, *args) -> a JSON value
 
@@ -57,6 +57,17 @@ def task_seed(key: str) -> int:
     True
     """
     return zlib.crc32(key.encode("utf-8"))
+
+
+def shard_bounds(units: int, shards: int) -> list[tuple[int, int]]:
+    """`units` split into `shards` contiguous, near-equal, non-empty ranges.
+
+    >>> shard_bounds(20, 3)
+    [(0, 7), (7, 13), (13, 20)]
+    """
+    shards = max(1, min(shards, units))
+    edges = [round(i * units / shards) for i in range(shards + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def run_one(fn: TaskFn, shared: Any, task: Task, threads: int | None) -> Any:

@@ -26,15 +26,17 @@ from qdet.parallel.backend import (
     run_one,
 )
 
-__all__ = ["WORKER_ENV", "RayBackend", "make_backend"]
+__all__ = ["WORKER_ENV", "RayBackend", "make_backend", "require_ray"]
 
-# what a one-thread worker needs set before torch/OpenMP start in it (torch.set_num_threads does the rest)
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# what a one-thread worker needs set before torch/OpenMP start in it (torch.set_num_threads does the rest);
+# OpenVINO must not pin threads: it pins every process's first thread to the same core
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "QDET_OPENVINO_CPU_PINNING": "0"}
 
 _CACHE: dict[str, Any] = {}  # in a worker process: the shared state of the current job, by object id
 
 
-def _require_ray() -> Any:
+def require_ray() -> Any:
     try:
         import ray
     except ImportError:
@@ -68,7 +70,7 @@ class RayBackend(Backend):
 
     def __init__(self, address: str = "auto", *, workers: int = 0, threads: int | None = 1, max_retries: int = 3,
                  **init_kwargs: Any) -> None:
-        ray = _require_ray()
+        ray = require_ray()
         super().__init__(workers, threads)
         self.address, self.max_retries, self._owns = address, max_retries, False
         if not ray.is_initialized():

@@ -85,6 +85,16 @@ class Runtime(ABC):
         raise ConfigError(f"runtime {self.name!r} cannot run a whole exported graph; use openvino or onnxruntime")
 
 
+def set_runtime_threads(lowered: nn.Module, threads: int | None) -> nn.Module:
+    """Every ONNX-runtime region inside `lowered` (OpenVINO, onnxruntime, whole graphs) runs with
+    `threads` threads from its next call on — what a one-thread worker does with a lowered model it
+    received; parts that run in PyTorch follow torch's own setting."""
+    for module in lowered.modules():
+        if callable(getattr(module, "set_threads", None)):
+            module.set_threads(threads)
+    return lowered
+
+
 def _has_silu(qmodel: QuantizedModel) -> bool:
     return _has_kind(qmodel, {OpKind.SILU})
 

@@ -43,8 +43,24 @@ class OrtModule(nn.Module):
         self.onnx_model = onnx_model
         self.out_spec = out_spec
         self.name = name
-        self.session = make_session(onnx_model.SerializeToString(), threads=threads)
+        self.threads = threads
+        self._session: Any = None
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session (created on first use: after unpickling, in the process that runs it)."""
+        if self._session is None:
+            self._session = make_session(self.onnx_model.SerializeToString(), threads=self.threads)
+        return self._session
+
+    def set_threads(self, threads: int | None) -> None:
+        """Run with `threads` intra-op threads from the next call on (a new session when it changes)."""
+        if threads != self.threads:
+            self.threads, self._session = threads, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_session": None}  # the ONNX graph travels, the session is rebuilt
 
     def forward(self, *args: Any) -> Any:
         flat, _ = pytree.tree_flatten(args)

@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,18 @@ def compile_onnx(model_bytes: bytes, *, threads: int | None, precision: str = "f
     `shapes` fixes every input's shape first: OpenVINO's CPU plugin plans memory and picks kernels
     once for static shapes; a dynamic model re-does shape inference on each call (YOLOv5n int8 at
     640²: 50 ms dynamic vs 27 ms static, measured here).
+
+    With `QDET_OPENVINO_CPU_PINNING=0` in the environment (set in qdet's Ray workers) OpenVINO does not
+    pin its threads to cores: it pins every process's first thread to the same core, so two one-thread
+    worker processes ran YOLOv5n int8 at 54 ms a call each instead of 24 (measured here).
     """
     ov = _ov()
     core = ov.Core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    if os.environ.get("QDET_OPENVINO_CPU_PINNING") == "0":
+        config["ENABLE_CPU_PINNING"] = False
     model = core.read_model(model_bytes)
     if shapes is not None:
         model.reshape({i: ov.PartialShape(list(s)) for i, s in enumerate(shapes)})
@@ -91,6 +98,14 @@ class OpenVinoModule(nn.Module):
                                         shapes=list(shapes) if static else None)
                 self._requests[key] = (compiled, compiled.create_infer_request())
         return self._requests[key]
+
+    def set_threads(self, threads: int | None) -> None:
+        """Run with `threads` inference threads from the next call on (recompiled when it changes)."""
+        if threads != self.threads:
+            self.threads, self._requests = threads, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_requests": {}}  # the ONNX graph travels; compiled again where it runs
 
     @property
     def compiled_shapes(self) -> list[tuple[tuple[int, ...], ...] | None]:

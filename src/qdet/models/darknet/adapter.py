@@ -166,15 +166,24 @@ class DarknetAdapter:
         """COCO mAP (pycocotools) of a callable returning decoded (B, N, 5+nc) predictions, with
         Darknet's preprocessing and `detector map` thresholds (conf 0.005, NMS IoU 0.45). Darknet's
         class order is COCO's 80-class order, mapped to COCO category ids."""
-        from qdet.eval.coco import evaluate_coco
+        dataset = data if data is not None else self.eval_dataset()
+        return self.score(self.predict(model, dataset, progress=progress, desc=desc), dataset)
+
+    def predict(self, model: Callable[..., Any], data: Any, *, indices: Sequence[int] | None = None,
+                progress: bool = True, desc: str | None = None) -> list[dict[str, Any]]:
+        """`evaluate`'s first half: COCO-json detections of the images at `indices` (default all)."""
         from qdet.models.darknet.detect import run_darknet_on_coco
 
-        dataset = data if data is not None else self.eval_dataset()
         net = self._net()
-        dets = run_darknet_on_coco(model, dataset, getattr(model, "decode", None), size_wh=(net.width, net.height),
-                                   letter_box=net.letter_box, progress=progress,
+        return run_darknet_on_coco(model, data, getattr(model, "decode", None), size_wh=(net.width, net.height),
+                                   letter_box=net.letter_box, indices=indices, progress=progress,
                                    desc=f"{desc or self.name}: COCO inference (images)")
-        return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
+
+    def score(self, predictions: list[dict[str, Any]], data: Any) -> Any:
+        """`evaluate`'s second half: all detections scored once by pycocotools."""
+        from qdet.eval.coco import evaluate_coco
+
+        return evaluate_coco(predictions, data.annotations_json, image_ids=data.image_ids)
 
     def frame_input(self, path: str | Path) -> torch.Tensor:
         """One image file as the network sees it: (3, height, width) float in [0, 1]."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -163,21 +163,33 @@ class SSDResNet50Adapter:
 
         return SSDInputs(_coco("train2017", data), img_size=self.img_size, normalize=normalize)
 
+    eval_batch_size = 8  # images per network call in `predict`: shards of a sharded evaluation are whole batches
+
     def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True) -> Any:
         """COCO mAP of any callable with SSDDetector's outputs. 81 classes: label k ↔ COCO80_TO_91[k-1]
         (NVIDIA's label map); other class counts: the label is the category id."""
+        data = data if data is not None else self.eval_dataset()
+        _ground_truth(data)  # a dataset without ground truth fails before inference
+        return self.score(self.predict(model, data, progress=progress), data)
+
+    def predict(self, model: Callable[..., Any], data: Any, *, indices: Sequence[int] | None = None,
+                progress: bool = True, desc: str | None = None) -> list[dict[str, Any]]:
+        """`evaluate`'s first half: COCO-json detections of the images at `indices` (default all)."""
         from qdet.data.coco import COCO80_TO_91
-        from qdet.eval.coco import evaluate_coco
         from qdet.models.ssd.data import coco_detections
 
-        data = data if data is not None else self.eval_dataset()
         det = next((m for m in getattr(model, "modules", list)() if isinstance(m, SSDDetector)), None)
         n = getattr(det, "num_classes", self.num_classes)
         img_size = getattr(det, "img_size", self.img_size)
+        return coco_detections(model, data, img_size=img_size, label_to_category=COCO80_TO_91 if n == 81 else None,
+                               batch_size=self.eval_batch_size, indices=indices, progress=progress)
+
+    def score(self, predictions: list[dict[str, Any]], data: Any) -> Any:
+        """`evaluate`'s second half: all detections scored once by pycocotools."""
+        from qdet.eval.coco import evaluate_coco
+
         gt, ids = _ground_truth(data)
-        dets = coco_detections(model, data, img_size=img_size, label_to_category=COCO80_TO_91 if n == 81 else None,
-                               progress=progress)
-        return evaluate_coco(dets, gt, image_ids=ids)
+        return evaluate_coco(predictions, gt, image_ids=ids)
 
 
 # torchvision heads: (boxes per cell of the first level, the key whose rows give the class count)
@@ -265,18 +277,27 @@ class TorchvisionSSDAdapter:
 
     def evaluate(self, model: Callable[..., Any], data: Any = None, *, progress: bool = True) -> Any:
         """COCO mAP; torchvision's 91-class labels are COCO category ids (other class counts: label = id)."""
-        from qdet.eval.coco import evaluate_coco
-        from qdet.models.faster_rcnn import predict
+        data = data if data is not None else self.eval_dataset()
+        return self.score(self.predict(model, data, progress=progress), data)
+
+    def predict(self, model: Callable[..., Any], data: Any, *, indices: Sequence[int] | None = None,
+                progress: bool = True, desc: str | None = None) -> list[dict[str, Any]]:
+        """`evaluate`'s first half: COCO-json detections of the images at `indices` (default all), one
+        image per call."""
+        from qdet.models.faster_rcnn import coco_json_detections, predict
         from qdet.models.ssd.data import as_float_image
 
-        data = data if data is not None else self.eval_dataset()
+        order = list(indices) if indices is not None else list(range(len(data)))
+        ids = _ground_truth(data)[1]
+        outputs = predict(model, _FloatImages(data, as_float_image), indices=order, progress=progress)
+        return coco_json_detections([ids[i] for i in order], outputs)
+
+    def score(self, predictions: list[dict[str, Any]], data: Any) -> Any:
+        """`evaluate`'s second half: all detections scored once by pycocotools."""
+        from qdet.eval.coco import evaluate_coco
+
         gt, ids = _ground_truth(data)
-        outputs = predict(model, _FloatImages(data, as_float_image), progress=progress)
-        dets = [{"image_id": int(i), "category_id": int(lab), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                 "score": float(s)}
-                for i, out in zip(ids, outputs)
-                for b, lab, s in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
-        return evaluate_coco(dets, gt, image_ids=ids)
+        return evaluate_coco(predictions, gt, image_ids=ids)
 
 
 class _FloatImages(torch.utils.data.Dataset):

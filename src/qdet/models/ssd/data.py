@@ -66,16 +66,18 @@ class SSDInputs(torch.utils.data.Dataset):
 
 def coco_detections(model: Callable[[Tensor], list[dict[str, Tensor]]], source: Any, *, img_size: int = 300,
                     label_to_category: Sequence[int] | None = None, batch_size: int = 8,
-                    progress: bool = True) -> list[dict[str, Any]]:
-    """Run a detector with relative-box outputs over `source`; COCO result dicts in original pixels.
+                    indices: Sequence[int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run a detector with relative-box outputs over `source` (or the images at `indices`, batched
+    among themselves); COCO result dicts in original pixels.
 
     label_to_category[label - 1] is the category id of label (labels 1..C-1); None: the label itself.
     """
     from tqdm.auto import tqdm
 
-    inputs = SSDInputs(source, img_size=img_size)
+    order = list(indices) if indices is not None else list(range(len(source)))
+    inputs = torch.utils.data.Subset(SSDInputs(source, img_size=img_size), order)  # ids from the source's index
     loader = torch.utils.data.DataLoader(inputs, batch_size=batch_size, shuffle=False)
-    sizes = [_size_of(source, i) for i in range(len(source))]
+    sizes = [_size_of(source, i) for i in order]
     dets: list[dict[str, Any]] = []
     k = 0
     with torch.no_grad():

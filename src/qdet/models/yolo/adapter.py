@@ -136,13 +136,23 @@ class YoloAdapter:
                  desc: str | None = None) -> Any:
         """COCO mAP (pycocotools) of any callable returning decoded (B, N, 5+nc) predictions;
         `desc` labels the progress bar (what runs, e.g. "int8 (openvino)")."""
-        from qdet.eval.coco import evaluate_coco
+        dataset = data if data is not None else self.eval_dataset()
+        return self.score(self.predict(model, dataset, progress=progress, desc=desc), dataset)
+
+    def predict(self, model: Callable[..., Any], data: CocoDetection, *, indices: Sequence[int] | None = None,
+                progress: bool = True, desc: str | None = None) -> list[dict[str, Any]]:
+        """`evaluate`'s first half: COCO-json detections of the images at `indices` (default all), one
+        image per call (so a shard's detections are those of the same images unsharded)."""
         from qdet.models.yolo.detect import run_yolo_on_coco
 
-        dataset = data if data is not None else self.eval_dataset()
-        dets = run_yolo_on_coco(model, dataset, img_size=self.img_size, progress=progress,
+        return run_yolo_on_coco(model, data, img_size=self.img_size, indices=indices, progress=progress,
                                 desc=f"{desc or self.name}: COCO inference (images)")
-        return evaluate_coco(dets, dataset.annotations_json, image_ids=dataset.image_ids)
+
+    def score(self, predictions: list[dict[str, Any]], data: CocoDetection) -> Any:
+        """`evaluate`'s second half: all detections scored once by pycocotools."""
+        from qdet.eval.coco import evaluate_coco
+
+        return evaluate_coco(predictions, data.annotations_json, image_ids=data.image_ids)
 
     # ---- frames (qdet.analysis.frames) ----
     def frame_input(self, path: str | Path) -> torch.Tensor:
