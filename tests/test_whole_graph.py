@@ -1,7 +1,7 @@
 """Whole-graph lowering (int8 regions + decode + NMS in one ONNX graph) agrees with the island path.
 
 Tiny random detectors (SYNTHETIC weights and inputs) for each adapter that declares a whole graph:
-YOLOv5, Darknet, SSD300-ResNet50's detector (a tiny net with its six-map layout). The island path
+YOLOv5, Darknet, YOLOX (nano, 3 classes), SSD300-ResNet50's detector (a tiny net with its six-map layout). The island path
 (`qdet.lower` default: regions on the runtime, decode + NMS in PyTorch) is the reference.
 """
 
@@ -24,6 +24,7 @@ from qdet.models.yolo.adapter import YoloAdapter, YoloDetector
 from qdet.models.yolo.graph import DARKNET_EVAL_NMS, YOLO_EVAL_NMS
 from qdet.models.yolo.model import YOLOv5, yolov5_config
 from qdet.models.yolo.postprocess import non_max_suppression, preprocess
+from qdet.models.yolox import YoloxAdapter
 from qdet.runtimes.whole_graph import Detections, NmsSettings, select_detections
 
 pytest.importorskip("onnxruntime")
@@ -231,6 +232,39 @@ def test_darknet_whole_graph_agrees_with_the_island_path(runtime, quantized):
             ref = non_max_suppression(island(x), DARKNET_EVAL_NMS.conf, DARKNET_EVAL_NMS.iou, max_det=DARKNET_EVAL_NMS.max_det)
             out = whole(x)
         assert sum(len(d) for d in ref) > 20
+        a = agreement(ref, out)
+        assert a.holds(**(INT8 if quantized else FP32)) and a.matched >= 0.99 * sum(len(d) for d in ref), a
+
+
+def _tiny_yolox():
+    """yolox_nano (3 classes) with lively random weights and head maps scaled to ~N(0, 1), objectness
+    ~σ(-1.5): unscaled, exp(reg) overflows to inf boxes, whose NMS no two runtimes agree on."""
+    adapter = YoloxAdapter("yolox_nano")
+    det = _lively_(adapter.build("random", num_classes=3), (4, 3, 64, 64))
+    head = det.body.head
+    with torch.no_grad():
+        raw = det.body(det.prep(_images(4, (64, 64), seed=9)))
+        for k in range(3):
+            for conv, r in zip((head.reg_preds[k], head.obj_preds[k], head.cls_preds[k]), raw[3 * k: 3 * k + 3]):
+                conv.weight /= r.std()
+                conv.bias.zero_()
+            head.obj_preds[k].bias -= 1.5
+    return det, adapter
+
+
+@pytest.mark.parametrize("runtime,quantized", [("onnxruntime", False), ("openvino", True)], ids=["ort-fp32", "ov-int8"])
+def test_yolox_whole_graph_agrees_with_the_island_path(runtime, quantized):
+    torch.manual_seed(0)
+    det, adapter = _tiny_yolox()
+    qm = api.quantize(det, [_images(4, (64, 64), s) for s in range(2)], QuantConfig(), adapter=adapter, progress=False)
+    island = api.lower(qm, runtime, quantized=quantized, threads=1)
+    whole = api.lower(qm, runtime, quantized=quantized, threads=1, whole_graph=True, adapter=adapter)
+    for x in (_images(3, (64, 64), seed=5), _images(1, (96, 64), seed=6)):
+        with torch.no_grad():
+            ref = _yolo_island(island, x, YOLO_EVAL_NMS)
+            out = whole(x)
+        assert isinstance(out, Detections) and len(out) == len(x)
+        assert sum(len(d) for d in ref) > 100
         a = agreement(ref, out)
         assert a.holds(**(INT8 if quantized else FP32)) and a.matched >= 0.99 * sum(len(d) for d in ref), a
 

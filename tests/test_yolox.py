@@ -8,7 +8,9 @@ from qdet import api
 from qdet.config import Observer, QuantConfig, default_activation_spec
 from qdet.errors import ConfigError, WeightsError
 from qdet.models import REGISTRY
+from qdet.models.yolo.graph import DecodedToScores
 from qdet.models.yolox import YOLOX_SIZES, YoloxAdapter, YOLOXRaw, decode_yolox
+from qdet.models.yolox.model import decode_yolox_for_selection
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 threads on a loaded 2-core machine: 10× slower
 
@@ -118,6 +120,25 @@ def test_decode_grid_and_strides():
     assert d.shape == (1, 6, 7)
     torch.testing.assert_close(d[0, 5, :4], torch.tensor([(2 + 0.5) * 8, 1 * 8, 8, 8]))  # exp(0) · stride
     torch.testing.assert_close(d[0, 0, 4:], torch.full((3,), 0.5))  # sigmoid(0)
+
+
+def test_channel_major_decode_equals_the_rows_decode():
+    """The whole graph's decode gives the same boxes and objectness × class scores as decoding rows."""
+    g = torch.Generator().manual_seed(0)
+    outs = tuple(torch.randn(2, c, h, w, generator=g) for h, w in ((8, 6), (4, 3), (2, 2)) for c in (4, 1, 3))
+    boxes, scores = decode_yolox_for_selection(outs, (8, 16, 32))
+    rows = decode_yolox(outs, (8, 16, 32))
+
+    class Rows(torch.nn.Module):
+        def forward(self, x):
+            return rows
+
+    ref_boxes, ref_scores = DecodedToScores(Rows())(None)
+    assert boxes.shape == (2, 48 + 12 + 4, 4) and scores.shape == (2, 3, 64)
+    torch.testing.assert_close(boxes, ref_boxes)
+    torch.testing.assert_close(scores, ref_scores)
+    det = YoloxAdapter("yolox_nano").build("random", num_classes=3)
+    assert hasattr(det, "boxes_and_scores")  # what the whole graph decodes through
 
 
 def test_quantizes_through_the_generic_path_with_decode_float():

@@ -26,7 +26,7 @@ from torch import nn
 from qdet.errors import ConfigError
 from qdet.models.base import Region
 from qdet.models.yolo.adapter import YoloAdapter
-from qdet.models.yolox.model import YOLOX_SIZES, YOLOXRaw, decode_yolox
+from qdet.models.yolox.model import YOLOX_SIZES, YOLOXRaw, decode_yolox, decode_yolox_for_selection
 
 __all__ = ["INPUT_FORMATS", "YOLOX_ADAPTERS", "YoloxAdapter", "YoloxDetector"]
 
@@ -56,6 +56,10 @@ class YoloxDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_yolox(self.body(self.prep(x)), self.strides)
+
+    def boxes_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole graph's decode: (boxes (B, N, 4) x1 y1 x2 y2, scores (B, nc, N)), channel-major."""
+        return decode_yolox_for_selection(self.body(self.prep(x)), self.strides)
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,24 @@ def decode_yolox(outs: tuple[torch.Tensor, ...], strides: tuple[int, ...]) -> to
         levels.append(torch.cat([xy, wh, obj.flatten(2).transpose(1, 2).sigmoid(),
                                  cls.flatten(2).transpose(1, 2).sigmoid()], dim=-1))
     return torch.cat(levels, dim=1)
+
+
+def decode_yolox_for_selection(outs: tuple[torch.Tensor, ...], strides: tuple[int, ...]
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole graph's decode, channel-major: raw (reg, obj, cls) per level → (boxes (B, N, 4)
+    x1 y1 x2 y2 in input pixels, scores (B, nc, N) = σ(obj)·σ(cls)), the same numbers as
+    `decode_yolox` followed by the YOLO family's objectness × class score, without building the
+    (B, N, 5 + nc) rows: the scores keep the maps' (class, position) layout that ONNX
+    `NonMaxSuppression` takes, and only the 4 box channels are transposed."""
+    boxes, scores = [], []
+    for k, stride in enumerate(strides):
+        reg, obj, cls = outs[3 * k: 3 * k + 3]
+        h, w = reg.shape[-2:]
+        yv, xv = torch.meshgrid(torch.arange(h, dtype=reg.dtype), torch.arange(w, dtype=reg.dtype), indexing="ij")
+        grid = torch.stack([xv, yv], dim=-1).reshape(1, h * w, 2)
+        reg = reg.flatten(2).transpose(1, 2)  # (B, hw, 4)
+        xy = (reg[..., :2] + grid) * stride
+        half_wh = torch.exp(reg[..., 2:4]) * (stride / 2)
+        boxes.append(torch.cat([xy - half_wh, xy + half_wh], dim=-1))
+        scores.append((cls.sigmoid() * obj.sigmoid()).flatten(2))  # (B, nc, hw)
+    return torch.cat(boxes, dim=1), torch.cat(scores, dim=2)
