@@ -206,12 +206,12 @@ class FasterRCNNAdapter:
         """Whole graph (`qdet.lower(..., whole_graph=True)`): torchvision's detector exported end to end
         around the int8 regions, one image a call; its thresholds are the model's own (box_score_thresh,
         box_nms_thresh, box_detections_per_img), so `nms` must be None."""
-        from qdet.models.rcnn.graph import rcnn_graph
+        from qdet.models.torchvision_graph import torchvision_detector_graph
 
         if nms is not None:
             raise ConfigError(f"{self.name}: the whole graph keeps the model's own thresholds; build it with "
                               "box_score_thresh/box_nms_thresh/box_detections_per_img instead of nms=")
-        return rcnn_graph(model)
+        return torchvision_detector_graph(model)
 
     def regions(self, model: nn.Module) -> list[Region]:
         """backbone (body+FPN), rpn.head, roi_heads.box_head, roi_heads.box_predictor.

@@ -12,7 +12,7 @@ anchor and default-box constants are folded in by the exporter; letterbox/resize
 The graph's one output is (M, 7) rows `[image index, x1, y1, x2, y2, score, class]` over the
 whole batch, best first within each image; the adapter turns them into its usual per-image
 output (`Detections` for the YOLO family, SSD's list of dicts). Detectors whose own code is
-exportable selection included (torchvision's Faster R-CNN) declare a `PerImageGraph` instead: their
+exportable selection included (torchvision's Faster R-CNN and SSDs) declare a `PerImageGraph` instead: their
 forward is exported as it is (one image a call), with `batched_nms_graph` for torchvision's NMS.
 
     >>> import qdet  # doctest: +SKIP
@@ -336,7 +336,7 @@ def lower_whole_graph(qmodel: Any, runtime: Any, adapter: GraphAdapter, *, quant
     declare = getattr(adapter, "detection_graph", None)
     if declare is None:
         raise ConfigError(f"model {adapter.name!r} declares no whole graph (its adapter has no detection_graph); "
-                          "whole_graph=True covers the YOLOv5, Darknet and SSD300-ResNet50 adapters")
+                          "whole_graph=True covers the YOLOv5, Darknet, YOLOX, SSD and Faster R-CNN adapters")
     onnx_model, graph = export_whole_graph(qmodel, lambda m: declare(m, nms), quantized=quantized, name=adapter.name)
     if isinstance(graph, PerImageGraph):
         _, out_spec = pytree.tree_flatten(tuple(torch.zeros(0) for _ in range(graph.num_outputs)))

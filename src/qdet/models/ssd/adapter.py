@@ -243,6 +243,18 @@ class TorchvisionSSDAdapter:
         check_quantizable(model)
         return [Region("backbone")] if self.scope is Scope.BACKBONE else [Region("backbone"), Region("head")]
 
+    def detection_graph(self, model: nn.Module, nms: Any = None) -> Any:
+        """Whole graph (`qdet.lower(..., whole_graph=True)`): torchvision's SSD exported end to end around
+        the int8 regions (transform incl. resize, default boxes, decode, softmax, per-class selection,
+        boxes rescaled to the image), one image a call; its thresholds are the model's own
+        (score_thresh, nms_thresh, topk_candidates, detections_per_img), so `nms` must be None."""
+        from qdet.models.torchvision_graph import torchvision_detector_graph
+
+        if nms is not None:
+            raise ConfigError(f"{self.name}: the whole graph keeps the model's own thresholds; build it with "
+                              "score_thresh/nms_thresh/detections_per_img instead of nms=")
+        return torchvision_detector_graph(model)
+
     def transform_fn(self, model: nn.Module) -> Callable[[Any], list[Tensor]]:
         """Batch → list of (3, H, W) images in [0, 1]; torchvision's transform resizes and normalises."""
         from qdet.models.faster_rcnn import images_of
