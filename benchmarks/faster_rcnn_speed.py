@@ -44,6 +44,7 @@ from qdet.bench.machine import load_average
 from qdet.data.kitti import KittiDataset
 from qdet.fileio import write_text_atomically
 from qdet.models import REGISTRY
+from qdet.models.random_init import recalibrate_bn
 from qdet.models.rcnn.onnx_baseline import (
     CONV_GEMM,
     OnnxDetector,
@@ -56,19 +57,6 @@ from qdet.paths import assets_dir
 
 def mb(n_bytes: int) -> float:
     return n_bytes / 1e6
-
-
-def recalibrate_bn(model: torch.nn.Module, images: list[torch.Tensor]) -> None:
-    """Set the backbone's BN running statistics from `images` (cumulative average over them)."""
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    with torch.no_grad():
-        batch = model.transform(images)[0].tensors
-        model.backbone.train()
-        model.backbone(batch)
-    model.eval()
 
 
 def noise_control(model: torch.nn.Module, image: torch.Tensor, snr_db: float) -> str:
@@ -145,7 +133,8 @@ def main() -> None:
     adapter = REGISTRY.get("fasterrcnn_resnet50_fpn")
     torch.manual_seed(0)
     model = adapter.build(weights="random")
-    recalibrate_bn(model, images)
+    recalibrate_bn(model.backbone, lambda: model.backbone(model.transform(images)[0].tensors))
+    model.eval()
 
     t = time.perf_counter()
     with torch_threads(args.threads):

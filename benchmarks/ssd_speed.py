@@ -31,6 +31,7 @@ import qdet
 from qdet.bench.latency import torch_threads
 from qdet.bench.machine import cpu_info, load_average
 from qdet.models import REGISTRY
+from qdet.models.random_init import recalibrate_bn
 from qdet.models.rcnn.synthetic import SyntheticShapes
 from qdet.models.ssd.data import SSDInputs
 
@@ -43,19 +44,6 @@ def cpu_line() -> str:
         return "lscpu unavailable"
     wanted = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in cpu.flags]
     return f"{cpu.model} · flags: {' '.join(wanted) or 'none of avx2/avx512/vnni/amx'}"
-
-
-def recalibrate_bn(module: torch.nn.Module, run: Callable[[], Any]) -> None:
-    """Running statistics of every BatchNorm from one pass of `run()` (cumulative average)."""
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    with torch.no_grad():
-        run()
-    for bn in bns:
-        bn.eval()
 
 
 def state_size(model: torch.nn.Module, folder: Path) -> int:

@@ -181,6 +181,15 @@ def int8_runner(qm: Any, args: argparse.Namespace) -> Any:
     return qm if args.runtime == "reference" else qdet.lower(qm, args.runtime, threads=args.threads)
 
 
+def scored(adapter: Any, runner: Any, val: Any) -> tuple[float, dict[str, float]]:
+    """mAP and what the detections look like (a collapse to 0 mAP shows whether boxes vanished or moved):
+    detections per image above the adapter's score threshold and their mean score."""
+    preds = adapter.predict(runner, val, progress=False)
+    stats = {"detections_per_image": len(preds) / max(1, len(val)),
+             "mean_score": sum(p["score"] for p in preds) / len(preds) if preds else 0.0}
+    return adapter.score(preds, val).map, stats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=("r50", "ssdlite"), default="ssdlite")
@@ -212,19 +221,22 @@ def main() -> None:
     report: dict[str, Any] = {"arch": args.arch, "size": args.size, "train": info, "runtime": args.runtime}
 
     with torch_threads(args.threads):
-        float_map = adapter.evaluate(model, val, progress=False).map
-        print(f"float (PyTorch) mAP {float_map:.4f} on {len(val)} synthetic images")
-        report["float_map"] = float_map
+        float_map, stats = scored(adapter, model, val)
+        print(f"float (PyTorch) mAP {float_map:.4f} on {len(val)} synthetic images; {stats['detections_per_image']:.1f} "
+              f"detections per image, mean score {stats['mean_score']:.3f}")
+        report["float_map"], report["float_detections"] = float_map, stats
 
         # 1. both scopes (Histogram observer, qdet's default)
         report["scopes"] = {}
         for scope in ("detector", "backbone"):
             ad = adapter.with_scope(scope)
             qm = quantize(model, ad, calib, QuantConfig())
-            m = adapter.evaluate(int8_runner(qm, args), val, progress=False).map
+            m, stats = scored(adapter, int8_runner(qm, args), val)
             errs = grouped(layer_errors(qm, err_batches, ad.transform_fn(model)))
-            report["scopes"][scope] = {"map": m, "drop_points": 100 * (float_map - m), "layers": errs}
-            print(f"int8 scope {scope:8s} ({args.runtime}): mAP {m:.4f}, drop {100 * (float_map - m):+.2f} points")
+            report["scopes"][scope] = {"map": m, "drop_points": 100 * (float_map - m), "detections": stats,
+                                       "layers": errs}
+            print(f"int8 scope {scope:8s} ({args.runtime}): mAP {m:.4f}, drop {100 * (float_map - m):+.2f} points; "
+                  f"{stats['detections_per_image']:.1f} detections per image, mean score {stats['mean_score']:.3f}")
             for g, e in errs.items():
                 print(f"    {g:28s} L1 {e['l1']:.3e}  min SQNR {e['sqnr_db']:6.1f} dB  ({e['layers']} points)")
 

@@ -17,7 +17,7 @@ from qdet.errors import ConfigError
 from qdet.eval.detection_agreement import agreement
 from qdet.models.darknet.adapter import DarknetAdapter, load_darknet
 from qdet.models.darknet.cfg import parse_cfg_text
-from qdet.models.random_init import lively_init_
+from qdet.models.random_init import lively_init_, recalibrate_bn
 from qdet.models.ssd.adapter import SSDResNet50Adapter, TorchvisionSSDAdapter
 from qdet.models.ssd.boxes import PostProcess
 from qdet.models.ssd.resnet50 import SSDDetector, feature_sizes
@@ -331,15 +331,7 @@ def _tiny_ssdlite(normalise: bool):
     det.transform.fixed_size = (160, 160)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 120, 150, generator=g) for _ in range(4)]
-    bns = [m for m in det.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    with torch.no_grad():
-        det.backbone(det.transform(images)[0].tensors)
-    for bn in bns:
-        bn.eval()
+    recalibrate_bn(det, lambda: det.backbone(det.transform(images)[0].tensors))
     with torch.no_grad():  # class logits ~N(0, 1): scores spread out (random heads give near-equal ones)
         feats = list(det.backbone(det.transform(images)[0].tensors).values())
         for level, block in enumerate(det.head.classification_head.module_list):

@@ -6,6 +6,8 @@ head maps come out nearly constant and its quantization error means nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,3 +39,18 @@ def lively_init_(model: nn.Module, input_shape: tuple[int, ...], *, seed: int = 
                 m.momentum = 0.1
     return model
 
+
+
+def recalibrate_bn(module: nn.Module, run: Callable[[], Any]) -> None:
+    """Running statistics of every BatchNorm2d in `module` from one pass of `run()` (cumulative
+    average, no gradients); the BatchNorms end in eval mode. For random-weight models, whose default
+    statistics (mean 0, var 1) do not match what their convs produce."""
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        run()
+    for bn in bns:
+        bn.eval()

@@ -26,7 +26,12 @@ from torch import nn
 from qdet.errors import ConfigError
 from qdet.models.base import Region
 from qdet.models.yolo.adapter import YoloAdapter
-from qdet.models.yolox.model import YOLOX_SIZES, YOLOXRaw, decode_yolox, decode_yolox_for_selection
+from qdet.models.yolox.model import (
+    YOLOX_SIZES,
+    YOLOXRaw,
+    decode_yolox,
+    decode_yolox_for_selection,
+)
 
 __all__ = ["INPUT_FORMATS", "YOLOX_ADAPTERS", "YoloxAdapter", "YoloxDetector"]
 
