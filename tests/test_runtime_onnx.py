@@ -1,15 +1,17 @@
 """onnxruntime lowering: int8 kernels really run, outputs agree with the reference simulation."""
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from qdet.api import export_onnx, lower
-from qdet.config import QuantConfig
+from qdet.config import QuantConfig, QuantSpec
 from qdet.errors import ConfigError
 from qdet.qmodel import quantize
 
 pytest.importorskip("onnxruntime")
+numpy_helper = pytest.importorskip("onnx.numpy_helper")
 
 
 def _resnet18():
@@ -70,11 +72,43 @@ def test_reference_runtime_is_the_simulation(qm):
         assert torch.equal(lower(qm, "reference")(x), qm(x))
 
 
-def test_sub_8_bit_weights_refuse_onnx_export():
+@pytest.mark.parametrize("bits", [7, 4])
+def test_narrow_weights_export_as_int8_codes_and_run_exactly(bits):
+    """7-bit weights (the overflow fix for CPUs without VNNI) and 4-bit ones are int8 codes inside
+    a narrower range: the file stores exactly the simulation's codes, and onnxruntime runs them."""
     from qdet.config import default_weight_spec
+    from qdet.quant.quantizer import weight_codes
 
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    cfg = QuantConfig(weights=default_weight_spec(bits=bits))
+    qm = quantize(m, [torch.randn(2, 3, 12, 12)], cfg, progress=False)
+    ort = lower(qm, "onnxruntime")
+    graph = next(mod for mod in ort.modules() if hasattr(mod, "onnx_model")).onnx_model.graph
+    stored = [numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 4]
+    convs = [mod for mod in qm.modules() if hasattr(mod, "weight_quant")]
+    expected = [weight_codes(c.weight.detach(), c.weight_quant).numpy() for c in convs]
+    assert len(stored) == 2 and all(np.array_equal(a, b) for a, b in zip(sorted(stored, key=np.size),
+                                                                            sorted(expected, key=np.size)))
+    limit = 2 ** (bits - 1) - 1
+    assert all(int(np.abs(a).max()) == limit for a in stored)  # the narrow range is used, not int8's
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        sim, run = qm(x), ort(x)
+    out_step = float(_output_quantizer(qm).scale)
+    assert float((sim - run).abs().max()) <= out_step * 1.001  # at most one output step (rounding ties)
+
+
+def _output_quantizer(qm):
+    from qdet.quant.quantizer import Quantizer
+
+    return [m for n, m in qm.named_modules() if isinstance(m, Quantizer) and not n.endswith("weight_quant")][-1]
+
+
+def test_narrow_activations_refuse_onnx_export():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    q4 = quantize(m, [torch.randn(2, 3, 8, 8)], QuantConfig(weights=default_weight_spec(bits=4)), progress=False)
+    cfg = QuantConfig(activations=QuantSpec(bits=4))
+    q4 = quantize(m, [torch.randn(2, 3, 8, 8)], cfg, progress=False)
     with pytest.raises(ConfigError, match="4-bit quantization cannot be exported"):
         lower(q4, "onnxruntime")
 

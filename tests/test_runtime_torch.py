@@ -1,6 +1,7 @@
 """The `torch` runtime (x86/fbgemm int8 kernels) against the fake-quant reference `qmodel(x)`."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -192,9 +193,18 @@ def test_float_baseline_is_the_bn_folded_graph_without_quantizers() -> None:
     assert not any("Quant" in type(m).__name__ for m in baseline.modules())
 
 
-def test_four_bit_weights_are_a_clear_config_error() -> None:
-    qm = _quantize(ConvStack(), (2, 3, 16, 16), QuantConfig(weights=default_weight_spec(bits=4)))
-    with pytest.raises(ConfigError, match=r"layer 'body\.0\.weight'.*int8 weights only, got int4"):
+@pytest.mark.parametrize("bits", [7, 4])
+def test_narrow_weights_run_as_int8_codes(bits: int) -> None:
+    """7-bit (the overflow fix) and 4-bit weights are qint8 codes in a narrower range on fbgemm."""
+    qm = _quantize(ConvStack(), (2, 3, 16, 16), QuantConfig(weights=default_weight_spec(bits=bits)))
+    lsb, _, _ = _compare(qm, torch.cat(_batches((2, 3, 16, 16), seed=3)))
+    assert lsb <= SMALL_MODEL_LSB
+
+
+def test_unsigned_weights_are_a_clear_config_error() -> None:
+    spec = dataclasses.replace(default_weight_spec(), signed=False, symmetric=False, narrow_range=False)
+    qm = _quantize(ConvStack(), (2, 3, 16, 16), QuantConfig(weights=spec))
+    with pytest.raises(ConfigError, match=r"layer 'body\.0\.weight'.*int8 weights .*got uint8"):
         get_runtime("torch").lower(qm)
 
 

@@ -26,6 +26,7 @@ from qdet.config import (
     Format,
     LayerOverride,
     Observer,
+    OverflowFix,
     PerChannel,
     PerTensor,
     QATConfig,
@@ -42,5 +43,5 @@ __all__ = [
     "QuantConfig", "QuantSpec", "Observer", "PerChannel", "PerTensor", "ResidualPolicy", "Format",
     "LayerOverride", "QATConfig", "QuantizedModel", "quantize", "prepare_qat", "convert", "evaluate", "lower", "benchmark", "export_onnx",
     "save", "load", "get_adapter", "coverage", "runtime_coverage", "RuntimeCoverage", "QdetError", "ConfigError", "DataError", "WeightsError",
-    "CalibrationError", "PTQAlgorithms", "AdaRound", "BiasCorrection", "BiasCorrectionMode",
+    "CalibrationError", "PTQAlgorithms", "AdaRound", "BiasCorrection", "BiasCorrectionMode", "OverflowFix",
 ]

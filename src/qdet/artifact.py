@@ -38,7 +38,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qdet.config import Format, LayerOverride, Observer, PerChannel, PerTensor, QuantConfig, QuantSpec, ResidualPolicy
+from qdet.config import (Format, LayerOverride, Observer, OverflowFix, PerChannel, PerTensor, QuantConfig, QuantSpec,
+                         ResidualPolicy)
 from qdet.errors import QdetError, WeightsError
 from qdet.fileio import write_atomically
 from qdet.qmodel import QuantizedModel, RegionSpec, build_quantized_from_shapes, declared_leaves
@@ -221,6 +222,8 @@ def _parse_config(path: Path, data: Any) -> QuantConfig:
     if not isinstance(cfg.residual, ResidualPolicy):
         raise _bad(path, f"field 'config' residual={cfg.residual!r} is not one of: "
                          f"{', '.join(r.value for r in ResidualPolicy)}")
+    if cfg.overflow_fix is OverflowFix.AUTO:  # quantize stores what AUTO chose; the weights depend on it
+        raise _bad(path, "field 'config' overflow_fix='auto' is not a decision (expected none, first_layer or all)")
     for flag in (f.name for f in dataclasses.fields(QuantConfig) if isinstance(f.default, bool)):
         if not isinstance(getattr(cfg, flag), bool):
             raise _bad(path, f"field 'config' {flag}={getattr(cfg, flag)!r} is not true/false")

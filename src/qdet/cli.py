@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from qdet.config import (
     Format,
     Observer,
+    OverflowFix,
     PerChannel,
     PerTensor,
     QuantConfig,
@@ -99,7 +100,12 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--observer", default="histogram", help="activation observer: " + ", ".join(o.value for o in Observer) + " (default: histogram)")
     g.add_argument("--weight-granularity", default="per-channel", choices=["per-channel", "per-tensor"], help="weight scales (default: per-channel)")
-    g.add_argument("--weight-bits", type=BITS, default=8, help="weight bit width (default: 8; <8 runs in simulation only)")
+    g.add_argument("--weight-bits", type=BITS, default=8,
+                   help="weight bit width (default: 8; narrower signed codes run as int8 on the runtimes)")
+    g.add_argument("--overflow-fix", default="auto", choices=[f.value for f in OverflowFix],
+                   help="7-bit weights against the int16 saturation of int8 kernels on x86 CPUs without VNNI "
+                        "(onnxruntime, OpenVINO, torch): all layers, first_layer only, or none. auto: all when "
+                        "this CPU saturates, else none (default: auto)")
     g.add_argument("--residual", default="quantized_add", help="residual policy: quantized_add or fuse_conv_add (default: quantized_add)")
     g.add_argument("--format", default="int", help="int (default), fp16 or bf16")
     g.add_argument("--skip", nargs="*", default=[], metavar="LAYER", help="layer names or fnmatch patterns kept in float")
@@ -352,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         fuse_silu=fuse_silu,
         fuse_leaky_mish=fuse_leaky_mish,
         ptq=ptq_from_args(args),
+        overflow_fix=parse_enum(OverflowFix, args.overflow_fix, "--overflow-fix"),
     )
 
 

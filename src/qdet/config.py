@@ -41,6 +41,28 @@ class ResidualPolicy(Enum):
     FUSE_CONV_ADD = "fuse_conv_add"
 
 
+class OverflowFix(Enum):
+    """7-bit weights against the int16 saturation of int8 dot products on x86 CPUs without VNNI.
+
+    Without AVX-512 VNNI, AVX-VNNI or AMX, the int8 convolutions and matmuls of onnxruntime,
+    OpenVINO and fbgemm multiply uint8 activation codes by int8 weight codes and add each pair in
+    int16 with saturation (vpmaddubsw): 255·127 + 255·127 = 64,770 does not fit 32,767, so where large
+    codes meet the kernel's result differs from qdet's simulation (the OpenVINO documentation calls
+    it the saturation issue). 7-bit weight codes (|q| <= 63) cannot saturate: 2·255·63 = 32,130.
+
+    AUTO: ALL when the machine that quantizes has such kernels (`qdet.bench.machine.int8_dot_saturates`),
+        NONE otherwise; `quantize` stores the resolved value, so a saved model means one thing.
+    NONE: 8-bit weights everywhere. FIRST_LAYER: 7-bit weights on each region's first conv/linear
+        (those with no conv/linear before them; NNCF's default). ALL: every 8-bit weight becomes 7-bit.
+    Only signed symmetric 8-bit weight specs are changed; narrower ones cannot saturate.
+    """
+
+    AUTO = "auto"
+    NONE = "none"
+    FIRST_LAYER = "first_layer"
+    ALL = "all"
+
+
 class Format(Enum):
     """Number format of a layer: int8 (any bit width via specs), half floats, or left float."""
 
@@ -108,6 +130,13 @@ class QuantSpec:
 def default_activation_spec(observer: Observer = Observer.HISTOGRAM) -> QuantSpec:
     """uint8 per-tensor affine: what onnxruntime, OpenVINO and fbgemm run fastest."""
     return QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor(), observer=observer)
+
+
+def overflow_safe(spec: QuantSpec) -> QuantSpec:
+    """A signed symmetric 8-bit weight spec as 7 bits ([-63, 63]); other specs as they are."""
+    if spec.bits == 8 and spec.signed and spec.symmetric:
+        return dataclasses.replace(spec, bits=7)
+    return spec
 
 
 def default_weight_spec(granularity: Granularity | None = None, bits: int = 8) -> QuantSpec:
@@ -253,6 +282,8 @@ class QuantConfig:
         Q right after the conv) and would run those convs in float, so the default (False) quantizes
         conv output and activation output separately, which every int8 runtime executes.
     ptq: `PTQAlgorithms` (cross-layer equalization, AdaRound, bias correction); default: none.
+    overflow_fix: `OverflowFix`: 7-bit weights where int8 kernels saturate (x86 without VNNI); AUTO
+        (default) decides from the machine that quantizes and stores the decision.
     bias_correction: the original flag, kept so that older `.qdet` files load: True means (now the default)
         ptq.bias_correction=BiasCorrection(BiasCorrectionMode.FLOAT_MEANS), (W − Q(W))·E[x] with float
         input means. Prefer `ptq=PTQAlgorithms(bias_correction=BiasCorrection())` (empirical).
@@ -270,8 +301,10 @@ class QuantConfig:
     fuse_leaky_mish: bool = False
     bias_correction: bool = False
     ptq: PTQAlgorithms = PTQAlgorithms()
+    overflow_fix: OverflowFix = OverflowFix.AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "overflow_fix", parse_enum(OverflowFix, self.overflow_fix, "overflow_fix"))
         if not isinstance(self.ptq, PTQAlgorithms):
             raise ConfigError(f"ptq={self.ptq!r} must be a qdet.PTQAlgorithms")
         if self.bias_correction is True:  # the original flag: float-input-means bias correction
@@ -288,6 +321,15 @@ class QuantConfig:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if not isinstance(self.activations, QuantSpec) or not isinstance(self.weights, QuantSpec):
             raise ConfigError("activations and weights must be QuantSpec (or an Observer / PerChannel shorthand)")
+
+    def resolved(self) -> "QuantConfig":
+        """This config with `overflow_fix` AUTO decided for this machine (ALL or NONE)."""
+        if self.overflow_fix is not OverflowFix.AUTO:
+            return self
+        from qdet.bench.machine import int8_dot_saturates
+
+        fix = OverflowFix.ALL if int8_dot_saturates() else OverflowFix.NONE
+        return dataclasses.replace(self, overflow_fix=fix)
 
     # ---- serialisation at the edge (JSON in saved artefacts and --json output) ----
     def to_dict(self) -> dict[str, Any]:
@@ -356,7 +398,8 @@ def _encode(obj: Any) -> Any:
 
 _TYPES = {t.__name__: t for t in (PerTensor, PerChannel, QuantSpec, LayerOverride, QuantConfig, PTQAlgorithms,
                                    AdaRound, BiasCorrection)}
-_ENUM_FIELDS = {"observer": Observer, "residual": ResidualPolicy, "format": Format, "mode": BiasCorrectionMode}
+_ENUM_FIELDS = {"observer": Observer, "residual": ResidualPolicy, "format": Format, "mode": BiasCorrectionMode,
+                "overflow_fix": OverflowFix}
 
 
 def _decode(value: Any, name: str = "") -> Any:
@@ -374,7 +417,10 @@ def _decode(value: Any, name: str = "") -> Any:
 
 
 def _decode_config(data: Mapping[str, Any]) -> QuantConfig:
-    cfg = _decode(dict(data))
+    data = dict(data)
+    if data.get("__type__") == "QuantConfig":
+        data.setdefault("overflow_fix", OverflowFix.NONE.value)  # saved before the option: 8-bit weights
+    cfg = _decode(data)
     if not isinstance(cfg, QuantConfig):
         raise ConfigError("saved config is not a QuantConfig")
     return cfg
@@ -383,6 +429,7 @@ def _decode_config(data: Mapping[str, Any]) -> QuantConfig:
 __all__ = [
     "Observer",
     "ResidualPolicy",
+    "OverflowFix",
     "Format",
     "PerTensor",
     "PerChannel",

@@ -56,6 +56,8 @@ class Coverage:
     untraced: list[dict[str, Any]] = field(default_factory=list)  # modules fx could not trace (run float)
     decode_ops: list[str] = field(default_factory=list)  # box decoding after the last conv/linear (float)
     runtime: dict[str, RuntimeCoverage] = field(default_factory=dict)  # after lower: what each runtime executes
+    overflow_fix: str = "none"  # OverflowFix as resolved for this model
+    overflow_fixed_layers: int = 0  # conv/linear whose weights it made 7-bit
 
     @property
     def int8_mac_share(self) -> float:
@@ -69,6 +71,10 @@ class Coverage:
         lines = [f"coverage: {self.int8_layers} of {self.int8_layers + self.float_layers} conv/linear layers int8, "
                  f"{100 * self.int8_mac_share:.1f} % of {self.total_macs / 1e6:.1f} M MACs; "
                  f"{self.folded_batchnorms} BatchNorms folded"]
+        if self.overflow_fixed_layers:
+            lines.append(f"  7-bit weights ([-63, 63]) on {self.overflow_fixed_layers} layers, overflow fix "
+                         f"{self.overflow_fix!r}: int8 kernels on x86 CPUs without VNNI add weight×activation pairs "
+                         "in int16 and would saturate with 8-bit weights (--overflow-fix none keeps 8 bits)")
         if self.unfolded_batchnorms:
             lines.append(f"  BatchNorms not folded (run float): {', '.join(self.unfolded_batchnorms[:8])}")
         if self.decode_ops:
@@ -110,10 +116,27 @@ def coverage(qmodel: Any, *, lowered: nn.Module | None = None) -> Coverage:
         kept_float=kept,
         untraced=[asdict(u) for u in untraced],
         decode_ops=[op for region in qmodel.regions.values() for op in region.float_ops],
+        overflow_fix=qmodel.config.overflow_fix.value,
+        overflow_fixed_layers=_overflow_fixed_layers(qmodel),
     )
     if lowered is not None:
         cov.add_runtime(lowered)
     return cov
+
+
+def _overflow_fixed_layers(qmodel: Any) -> int:
+    """Conv/linear layers whose 8-bit weight spec the overflow fix narrowed to 7 bits."""
+    from qdet.config import OverflowFix
+
+    if qmodel.config.overflow_fix in (OverflowFix.NONE, OverflowFix.AUTO):
+        return 0
+    count = 0
+    for region in qmodel.regions.values():
+        for m in region.module.modules():
+            spec = getattr(getattr(m, "weight_quant", None), "spec", None)
+            if spec is not None and spec.bits == 7 and spec.signed and spec.symmetric:
+                count += 1
+    return count
 
 
 def warn_if_mostly_float(cov: Coverage) -> None:

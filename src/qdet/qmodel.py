@@ -152,6 +152,7 @@ def build_quantized(
     The returned model is prepared but not calibrated (quantizers pass values through). With
     `qat`, conv-bn pairs stay trainable (QATConvBn2d) instead of being folded.
     """
+    cfg = cfg.resolved()  # a saved model records what AUTO chose on this machine
     work = copy.deepcopy(model).eval()
     traceable, untraced = split_untraceable(work, regions)
     inputs = capture_region_inputs(work, [r.path for r in traceable], lambda: example_run(work),

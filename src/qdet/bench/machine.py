@@ -8,6 +8,7 @@ int8 speed-ups depend on VNNI/AMX and on what else runs, so every timing states 
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -29,6 +30,32 @@ def cpu_info() -> CpuInfo:
         return CpuInfo(platform.processor() or "?", frozenset(), available=False)
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return CpuInfo(fields.get("Model name", "?").strip(), frozenset(fields.get("Flags", "").split()))
+
+
+# x86 ISA extensions whose int8 dot product accumulates u8×s8 products straight into int32
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_dot_saturates(cpu: CpuInfo | None = None, machine: str | None = None) -> bool:
+    """Whether this CPU's int8 kernels add u8×s8 product pairs in int16 with saturation.
+
+    x86 without VNNI/AMX: onnxruntime, OpenVINO and fbgemm use vpmaddubsw there (SSE/AVX2/AVX-512),
+    which saturates (see `qdet.config.OverflowFix`). False off x86 (ARM's dot products accumulate in
+    int32) and when lscpu cannot say (no flags: nothing to base a change of the weights on).
+
+    >>> int8_dot_saturates(CpuInfo("AMD EPYC", frozenset({"avx2", "fma"})), machine="x86_64")
+    True
+    >>> int8_dot_saturates(CpuInfo("Intel Xeon", frozenset({"avx2", "avx512_vnni"})), machine="x86_64")
+    False
+    """
+    cpu = cpu or _this_cpu()
+    x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686")
+    return x86 and cpu.available and bool(cpu.flags) and not (cpu.flags & VNNI_FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def _this_cpu() -> CpuInfo:
+    return cpu_info()
 
 
 def load_average() -> str:

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from qdet.config import Format, QuantConfig, QuantSpec, ResidualPolicy
+from qdet.config import Format, OverflowFix, QuantConfig, QuantSpec, ResidualPolicy, overflow_safe
 from qdet.errors import ConfigError
 from qdet.quant.equalize import equalize
 from qdet.quant.fusion import decompose_silu, fold_batchnorms, frozen_batchnorm_types, modularize_functional_ops
@@ -146,6 +146,7 @@ class _Inserter:
         self.fused_into_add: set[fx.Node] = set()  # convs whose output the add quantizes (FUSE_CONV_ADD)
         self.decode_tail: set[fx.Node] = set()
         self.float_ops: list[str] = []  # ops kept float as box decoding
+        self.first_layers = _first_weighted_nodes(gm)  # OverflowFix.FIRST_LAYER
 
     # ---------- naming and per-layer config ----------
     def layer_name(self, node: fx.Node) -> str:
@@ -170,6 +171,14 @@ class _Inserter:
             if ov.format is not None and fnmatch.fnmatchcase(name, ov.pattern):
                 fmt = ov.format
         return fmt
+
+    def weight_spec(self, node: fx.Node, name: str) -> QuantSpec:
+        """The layer's weight spec, 7-bit where the overflow fix asks for it."""
+        spec = self.spec_of(name, "weights")
+        fix = self.cfg.overflow_fix
+        if fix is OverflowFix.ALL or (fix is OverflowFix.FIRST_LAYER and node in self.first_layers):
+            return overflow_safe(spec)
+        return spec
 
     def spec_of(self, name: str, which: str) -> QuantSpec:
         spec: QuantSpec = getattr(self.cfg, which)
@@ -363,7 +372,7 @@ class _Inserter:
         if fmt in (Format.FP16, Format.BF16):
             wq: nn.Module = CastQuantizer(fmt, name + ".weight")
         else:
-            wq = make_weight_quantizer(weight, self.spec_of(name, "weights"), name + ".weight")
+            wq = make_weight_quantizer(weight, self.weight_spec(node, name), name + ".weight")
         if isinstance(mod, QATConvBn2d):
             mod.weight_quant = wq
             return
@@ -397,6 +406,20 @@ def box_decode_tail(gm: fx.GraphModule) -> set[fx.Node]:
         if is_decode_op(node) or node in feeds_decode or any(a in tail for a in node.all_input_nodes):
             tail.add(node)
     return tail
+
+
+def _first_weighted_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Conv/linear nodes with no conv/linear upstream of them in this graph."""
+    weighted_upstream: dict[fx.Node, bool] = {}
+    first: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        upstream = any(weighted_upstream.get(a, False) for a in node.all_input_nodes)
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        weighted = mod is not None and module_kind(mod) in WEIGHTED
+        if weighted and not upstream:
+            first.add(node)
+        weighted_upstream[node] = upstream or weighted
+    return first
 
 
 def _has_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -526,6 +549,7 @@ def prepare_region(
     >>> [layer.name for layer in region.layers]
     ['input_1', '0']
     """
+    cfg = cfg.resolved()
     gm = trace(module, leaf_types)
     modularize_functional_ops(gm)
     folded = fold_batchnorms_qat(gm) if qat else fold_batchnorms(gm)

@@ -107,15 +107,31 @@ def export_fake_quantize(x: torch.Tensor, q: "Quantizer") -> torch.Tensor:
     """The same numerics through ATen's fake-quant ops, whose ONNX symbolics emit Q/DQ pairs.
 
     ONNX Q/DQ knows 8-bit ranges only; a narrow int8 range [-127, 127] is emitted as [-128, 127],
-    which is identical because our scale never maps a weight beyond ±127.
+    which is identical because our scale never maps a weight beyond ±127. Narrower signed
+    symmetric weights (7-bit weights for CPUs whose int8 kernels saturate, see `OverflowFix`, or
+    4-bit ones) are int8 codes inside a smaller range: the exporter clamps such weights to their
+    own range first (`onnx_export.export_mode`), so the int8 codes are the narrow ones.
     """
     spec = q.spec
-    if spec.bits != 8:
+    if spec.bits != 8 and not is_narrow_weight_spec(spec):
         raise ConfigError(f"layer {q.layer_name!r}: {spec.bits}-bit quantization cannot be exported to ONNX (8-bit only)")
     qmin, qmax = (-128, 127) if spec.signed else (0, 255)
     if spec.axis is not None and q.scale.numel() > 1:
         return torch.fake_quantize_per_channel_affine(x, q.scale, q.zero_point, spec.axis, qmin, qmax)
     return torch.fake_quantize_per_tensor_affine(x, float(q.scale), int(q.zero_point), qmin, qmax)
+
+
+def is_narrow_weight_spec(spec: QuantSpec) -> bool:
+    """Signed symmetric codes of fewer than 8 bits: int8 kernels run them as they are."""
+    return spec.signed and spec.symmetric and spec.bits < 8
+
+
+def clamp_to_grid_range(w: torch.Tensor, q: "Quantizer") -> torch.Tensor:
+    """`w` limited to what `q` represents, [s·qmin, s·qmax] per channel (zero point 0)."""
+    s = q.scale
+    if q.spec.axis is not None and s.numel() > 1:
+        s = s.reshape([-1 if d == q.spec.axis else 1 for d in range(w.dim())])
+    return torch.maximum(torch.minimum(w, s * q.spec.qmax), s * q.spec.qmin)
 
 
 class TiedQuantizer(nn.Module):

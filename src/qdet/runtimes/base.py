@@ -39,6 +39,8 @@ class Runtime(ABC):
     fuses_leaky_mish: bool = False
     # Can run a whole exported detector graph (`compile_graph`): the ONNX runtimes.
     runs_whole_graphs: bool = False
+    # Its int8 convolutions/matmuls add u8×s8 pairs in int16 on x86 CPUs without VNNI (see OverflowFix).
+    int8_kernels_may_saturate: bool = False
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.threads = threads
@@ -62,6 +64,8 @@ class Runtime(ABC):
             warnings.warn(f"runtime {self.name!r} has no int8 conv+LeakyReLU/Mish kernel: convs followed by them may "
                           "run in float; quantize with fuse_leaky_mish=False (--leaky-mish separate) for this runtime",
                           stacklevel=2)
+        if quantized:
+            self.warn_if_saturating(qmodel)
         lowered = copy.deepcopy(qmodel.model)
         for path, region in qmodel.regions.items():
             shapes = qmodel.input_shapes.get(path)
@@ -76,6 +80,17 @@ class Runtime(ABC):
                     module = self.lower_region(region_copy, example, quantized=False)
             lowered = _set(lowered, path, module)
         return lowered.eval()
+
+    def warn_if_saturating(self, qmodel: QuantizedModel) -> None:
+        """8-bit weights on a CPU whose int8 kernels saturate: results may differ from the simulation."""
+        from qdet.bench.machine import int8_dot_saturates
+
+        eight_bit = any(getattr(getattr(m, "weight_quant", None), "spec", None) is not None and m.weight_quant.spec.bits == 8
+                        for m in qmodel.model.modules())
+        if self.int8_kernels_may_saturate and eight_bit and int8_dot_saturates():
+            warnings.warn(f"this CPU has no VNNI: {self.name}'s int8 kernels add weight×activation pairs in int16 and "
+                          "saturate with 8-bit weights, so results may differ from qdet's simulation; quantize with "
+                          "overflow_fix=OverflowFix.ALL (--overflow-fix all, the default 'auto' on this CPU)", stacklevel=3)
 
     def install_hint(self) -> str:
         return "pip install 'qdet[onnx]'"

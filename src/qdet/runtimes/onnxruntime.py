@@ -131,6 +131,7 @@ class OnnxRuntime(Runtime):
         return OrtModule(model, out_spec, threads=self.threads, name=region.path)
 
     runs_whole_graphs = True
+    int8_kernels_may_saturate = True
 
     def compile_graph(self, onnx_model: Any, out_spec: pytree.TreeSpec, *, name: str) -> nn.Module:
         if not self.is_available():

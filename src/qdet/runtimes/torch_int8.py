@@ -20,7 +20,7 @@ Every scale/zero point comes from qdet's calibrated quantizers, so the result ag
 fake-quant reference `qmodel(x)` up to the kernels' own requantization rounding. Caveat: on CPUs
 without AVX512-VNNI/AVX-VNNI, fbgemm multiplies u8×s8 pairs into int16 (vpmaddubsw), which can
 saturate with full-range uint8 activations; PyTorch's own x86 recipe uses 7-bit activations
-(reduce_range) for that. qdet keeps OUR 8-bit ranges, so expect larger deviations on such CPUs.
+(reduce_range) for that, qdet 7-bit weights (`OverflowFix`, chosen automatically on such CPUs).
 
 `quantized=False` returns the same BN-folded graph with every quantizer node removed (plain
 conv/linear), i.e. fp32 eager PyTorch whatever the quantizers' `enabled` flags are later.
@@ -75,6 +75,7 @@ class TorchInt8Runtime(Runtime):
 
     name = "torch"
     description = "PyTorch native int8 kernels (x86/fbgemm), eager mode"
+    int8_kernels_may_saturate = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -122,11 +123,11 @@ def _check_specs(gm: fx.GraphModule) -> None:
         if not q.calibrated:
             raise CalibrationError(f"layer {layer!r} was never calibrated; run qdet.quantize with calibration data")
         if id(q) in weight_quants:
-            if spec.bits != 8 or not spec.signed:
+            if spec.bits > 8 or not spec.signed:
                 sign = "int" if spec.signed else "uint"
                 raise ConfigError(
-                    f"layer {layer!r}: the torch runtime (x86/fbgemm) runs int8 weights only, got {sign}{spec.bits}; "
-                    "use an 8-bit signed weight spec, or the reference runtime to simulate other widths"
+                    f"layer {layer!r}: the torch runtime (x86/fbgemm) runs int8 weights (or narrower signed codes) "
+                    f"only, got {sign}{spec.bits}; use a signed weight spec of <= 8 bits, or the reference runtime"
                 )
             if spec.axis not in (None, 0) or bool((q.zero_point != 0).any()):
                 raise ConfigError(

@@ -337,6 +337,8 @@ def lower_whole_graph(qmodel: Any, runtime: Any, adapter: GraphAdapter, *, quant
     if declare is None:
         raise ConfigError(f"model {adapter.name!r} declares no whole graph (its adapter has no detection_graph); "
                           "whole_graph=True covers the YOLOv5, Darknet, YOLOX, SSD and Faster R-CNN adapters")
+    if quantized:
+        runtime.warn_if_saturating(qmodel)
     onnx_model, graph = export_whole_graph(qmodel, lambda m: declare(m, nms), quantized=quantized, name=adapter.name)
     if isinstance(graph, PerImageGraph):
         _, out_spec = pytree.tree_flatten(tuple(torch.zeros(0) for _ in range(graph.num_outputs)))
