@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdet.config import Format, LayerOverride, Observer, PerTensor, QuantConfig, ResidualPolicy
+from qdet.config import Format, LayerOverride, Observer, OverflowFix, PerTensor, QuantConfig, ResidualPolicy
 from qdet.errors import CalibrationError, ConfigError
 from qdet.qmodel import quantize
 from qdet.quant.calibrate import quantization_disabled
@@ -114,7 +114,8 @@ def test_skip_keeps_layer_float_and_pattern_typo_is_an_error():
 def test_override_per_layer_spec_and_half_formats():
     from qdet.config import QuantSpec
 
-    cfg = QuantConfig(overrides=(LayerOverride("conv*", weights=QuantSpec(bits=4, signed=True, symmetric=True, narrow_range=True, observer=Observer.MINMAX, granularity=PerTensor())),))
+    cfg = QuantConfig(overrides=(LayerOverride("conv*", weights=QuantSpec(bits=4, signed=True, symmetric=True, narrow_range=True, observer=Observer.MINMAX, granularity=PerTensor())),),
+                      overflow_fix=OverflowFix.NONE)  # 8-bit weights elsewhere on every CPU
     qm = quantize(_model(), _batches(), cfg, progress=False)
     assert qm.model.conv1.weight_quant.spec.bits == 4 and qm.model.fc.weight_quant.spec.bits == 8
     half = quantize(_model(), _batches(), QuantConfig(format=Format.FP16), progress=False)

@@ -19,8 +19,8 @@ def _resnet18():
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
-def _batches(n=3, size=32):
-    g = torch.Generator().manual_seed(0)
+def _batches(n=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
     return [torch.randn(4, 3, size, size, generator=g) for _ in range(n)]
 
 
@@ -38,13 +38,15 @@ def test_every_conv_add_pool_and_fc_runs_int8(qm):
 
 def test_int8_agrees_with_reference_within_output_steps(qm):
     rt = lower(qm, "onnxruntime")
-    x = torch.cat(_batches(2))
+    x = torch.cat(_batches(8, seed=1))  # images calibration did not see
     with torch.no_grad():
         ref, out = qm(x), rt(x)
     step = float(qm.model.get_submodule(qm.layers[-1].quantizer).scale)
     # each int8 kernel requantizes with its own rounding (±1 LSB per layer); over 20 layers the
-    # logits stay within a few output steps of the simulation
-    assert float((ref - out).abs().max()) <= 4 * step
+    # logits stay within a few output steps of the simulation. On x86 without VNNI this holds with
+    # the 7-bit weights OverflowFix.AUTO picks there: with 8-bit weights onnxruntime's int16 pair
+    # sums saturate (measured on an AVX2-only AMD EPYC: mean 2.1 steps off, max 8; 7-bit: 0.04, max 3)
+    assert float((ref - out).abs().max()) <= 4 * step * (1 + 1e-5)  # 4 steps exactly, up to float rounding
     assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
 
 
