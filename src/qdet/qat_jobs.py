@@ -187,10 +187,14 @@ def detection_qat_job(adapter: Any, model: torch.nn.Module, cfg: QuantConfig, op
 
 def _float_ptq_qat_rows(adapter: Any, model: nn.Module, ptq: QuantizedModel, qat: QuantizedModel, eval_set: Any,
                         opts: JobOptions, cfg: QuantConfig, steps: int) -> list[dict[str, Any]]:
-    """float (PyTorch eager), PTQ and QAT on the runtime (the reference simulation below 8 bits), each
-    with the task's two headline metrics, the change vs float and the share of the PTQ drop QAT recovered."""
-    low_bit = min(s.bits for s in (cfg.weights, cfg.activations)) < 8  # type: ignore[union-attr]
-    runtime = "reference" if low_bit else opts.runtime
+    """float (PyTorch eager), PTQ and QAT on the runtime (the reference simulation for activations below
+    8 bits; narrower signed weights run as int8 codes), each with the task's two headline metrics, the
+    change vs float and the share of the PTQ drop QAT recovered."""
+    from qdet.quant.quantizer import is_narrow_weight_spec
+
+    weights, acts = cfg.weights, cfg.activations
+    runs_int8 = acts.bits == 8 and (weights.bits == 8 or is_narrow_weight_spec(weights))  # type: ignore[union-attr]
+    runtime = opts.runtime if runs_int8 else "reference"
     rows: list[dict[str, Any]] = []
     for label, rt, fn in (("float", "torch", model),
                           (f"PTQ ({runtime})", runtime, api.lower(ptq, runtime, threads=opts.threads)),
