@@ -23,34 +23,24 @@ import argparse
 import json
 
 import torch
+from cifar_observers import predict
 
 from qdet import api
-from qdet.models.base import Task
 from qdet.bench.latency import torch_threads
 from qdet.bench.machine import VNNI_FLAGS, cpu_info, int8_dot_saturates, load_average
 from qdet.config import OverflowFix, QuantConfig
-from qdet.data.folders import make_loader
 from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader, headline_metrics
+from qdet.models.base import Task
 from qdet.report.table import format_table
 
 FIXES = [OverflowFix.NONE, OverflowFix.FIRST_LAYER, OverflowFix.ALL]
 
 
-def top1_answers(fn, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels of every image of a classification dataset."""
-    preds, labels = [], []
-    with torch.no_grad():
-        for x, y in make_loader(dataset, 250):
-            preds.append(torch.as_tensor(fn(x)).argmax(1))
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
 def measure(adapter, fn, data, desc: str) -> tuple[float, torch.Tensor | None]:
     """(headline metric, top-1 answers or None for detectors)."""
     if adapter.task is Task.CLASSIFICATION:
-        pred, labels = top1_answers(fn, data)
+        pred, labels = predict(fn, data)
         return 100.0 * float((pred == labels).float().mean()), pred
     res = api.evaluate(fn, adapter, data, progress=False, desc=desc)
     return next(iter(headline_metrics(res).values())), None
