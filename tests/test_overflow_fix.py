@@ -176,11 +176,14 @@ class WideStem(nn.Module):
 
 
 @pytest.mark.skipif(not int8_dot_saturates(), reason="this CPU's int8 kernels do not saturate (VNNI/AMX or not x86)")
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "torch"])
 def test_on_this_cpu_eight_bit_weights_saturate_and_seven_bit_do_not(runtime):
     """The phenomenon itself, where it exists: all-positive inputs near the top of their range times
     all-positive weights of code 127 overflow int16 in pairs; with codes of 63 they cannot."""
-    pytest.importorskip(runtime)
+    from qdet.runtimes.base import get_runtime
+
+    if not get_runtime(runtime).is_available():
+        pytest.skip(f"{runtime} not installed")
     calib = [torch.rand(2, 16, 4, 4)]
     x = 0.9 + 0.1 * torch.rand(2, 16, 4, 4)
     eight = qdet.quantize(WideStem().eval(), calib, QuantConfig(overflow_fix=OverflowFix.NONE), progress=False)
