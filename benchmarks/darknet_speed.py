@@ -26,7 +26,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import measure_latencies, torch_threads
-from qdet.bench.machine import cpu_info, load_average
+from qdet.bench.machine import cpu_info, isa_summary, load_average
 from qdet.jobs import _saved_size
 
 SIZES = {"yolov3-tiny": 416, "yolov4-tiny": 416, "yolov3": 608, "yolov4": 608}
@@ -36,8 +36,7 @@ RUNTIMES = ("openvino", "onnxruntime")
 def machine() -> dict[str, str]:
     """lscpu's model name and flags (the ISA extensions that decide int8 speed) and the load average."""
     cpu = cpu_info()
-    flags = " ".join(f for f in sorted(cpu.flags) if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "vnni"))
-    return {"model": cpu.model, "flags": flags, "load": load_average()}
+    return {"model": cpu.model, "flags": isa_summary(cpu), "load": load_average()}
 
 
 def prepare(name: str, size: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

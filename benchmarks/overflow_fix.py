@@ -27,7 +27,7 @@ from cifar_observers import predict
 
 from qdet import api
 from qdet.bench.latency import torch_threads
-from qdet.bench.machine import VNNI_FLAGS, cpu_info, int8_dot_saturates, load_average
+from qdet.bench.machine import cpu_info, int8_dot_saturates, isa_summary, load_average
 from qdet.config import OverflowFix, QuantConfig
 from qdet.fileio import write_text_atomically
 from qdet.jobs import JobOptions, calibration_loader, headline_metrics
@@ -56,8 +56,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     cpu = cpu_info()
-    print(f"CPU: {cpu.model}; VNNI flags: {sorted(cpu.flags & VNNI_FLAGS) or 'none'}; avx2: {'avx2' in cpu.flags}, "
-          f"avx512f: {'avx512f' in cpu.flags}; int8 kernels saturate: {int8_dot_saturates()}; "
+    print(f"CPU: {cpu.model}; flags: {isa_summary(cpu)}; int8 kernels saturate: {int8_dot_saturates()}; "
           f"threads {args.threads}; load {load_average()}", flush=True)
     rows: list[dict] = []
     for name in args.models:

@@ -29,7 +29,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import torch_threads
-from qdet.bench.machine import cpu_info, load_average
+from qdet.bench.machine import cpu_info, isa_summary, load_average
 from qdet.models import REGISTRY
 from qdet.models.random_init import recalibrate_bn
 from qdet.models.rcnn.synthetic import SyntheticShapes
@@ -40,10 +40,7 @@ MODELS = ("ssd300_resnet50", "ssdlite320_mobilenet_v3_large")
 
 def cpu_line() -> str:
     cpu = cpu_info()
-    if not cpu.available:
-        return "lscpu unavailable"
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in cpu.flags]
-    return f"{cpu.model} · flags: {' '.join(wanted) or 'none of avx2/avx512/vnni/amx'}"
+    return f"{cpu.model} · flags: {isa_summary(cpu)}"
 
 
 def state_size(model: torch.nn.Module, folder: Path) -> int:

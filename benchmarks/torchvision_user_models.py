@@ -38,18 +38,17 @@ import torchvision
 
 import qdet
 from qdet.bench.latency import interleaved_times, torch_threads
-from qdet.bench.machine import cpu_info, load_average
+from qdet.bench.machine import cpu_info, isa_summary, load_average
 from qdet.data.folders import imagenette_folder, make_loader, seeded_split
 
 MODELS = ("mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d", "convnext_tiny")
 NOISE_DB = 40.0  # input-noise control: about one int8 quantization step's worth of noise
-CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
 
 
 def cpu_line() -> str:
     """lscpu's model name and the int8/bf16 instruction-set flags the CPU reports."""
     cpu = cpu_info()
-    return f"{cpu.model}; flags: " + ", ".join(f"{f} {'yes' if f in cpu.flags else 'no'}" for f in CPU_FLAGS)
+    return f"{cpu.model}; flags: {isa_summary(cpu)}"
 
 
 def set_bn_statistics(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:

@@ -37,7 +37,7 @@ import torch
 
 import qdet
 from qdet.bench.latency import measure_latencies, torch_threads
-from qdet.bench.machine import cpu_info, load_average
+from qdet.bench.machine import cpu_info, isa_summary, load_average
 from qdet.bench.pipeline import profile_islands, profile_whole, throughput
 from qdet.config import QuantConfig
 from qdet.eval.detection_agreement import agreement
@@ -50,8 +50,7 @@ NMS = YOLO_EVAL_NMS
 
 def machine() -> dict[str, str]:
     cpu = cpu_info()
-    flags = " ".join(f for f in sorted(cpu.flags) if f.startswith(("avx512_vnni", "avx_vnni", "amx")))
-    return {"model": cpu.model, "flags": flags, "load": load_average()}
+    return {"model": cpu.model, "flags": isa_summary(cpu), "load": load_average()}
 
 
 @contextlib.contextmanager

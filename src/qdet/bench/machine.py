@@ -58,6 +58,23 @@ def _this_cpu() -> CpuInfo:
     return cpu_info()
 
 
+# the ISA extensions that decide int8 vs fp32 speed (and int8 correctness, see int8_dot_saturates)
+INT8_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def isa_summary(cpu: CpuInfo | None = None) -> str:
+    """The int8-relevant ISA flags this CPU has, e.g. "avx2 fma (no VNNI: int8 pairs saturate)".
+
+    >>> isa_summary(CpuInfo("AMD EPYC", frozenset({"avx2", "fma", "sse4_2"})))
+    'avx2 fma (no VNNI: int8 pairs saturate)'
+    """
+    cpu = cpu or _this_cpu()
+    if not cpu.available:
+        return "lscpu unavailable"
+    present = " ".join(f for f in INT8_ISA_FLAGS if f in cpu.flags) or "none of avx2/avx512/vnni/amx"
+    return present + (" (no VNNI: int8 pairs saturate)" if int8_dot_saturates(cpu, "x86_64") else "")
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, e.g. "1.10 0.93 2.47"."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
