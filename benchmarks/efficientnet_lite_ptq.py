@@ -103,6 +103,9 @@ def main() -> None:
                          "and NNCF without its fast bias correction")
     ap.add_argument("--no-fake-quant", action="store_true",
                     help="skip the (slow) fake-quant row; the OpenVINO int8 row is still measured")
+    ap.add_argument("--overflow-fix", default="auto",
+                    help="comma-separated qdet.OverflowFix values (auto, none, first_layer, all), one qdet row set "
+                         "each: 7-bit weights where int8 kernels saturate (x86 without VNNI; default: auto)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,13 +136,16 @@ def main() -> None:
         row("float (PyTorch)", model, t)
     bc_variants = [("", qdet.PTQAlgorithms())] + ([(", no bias correction", qdet.PTQAlgorithms(bias_correction=None))]
                                                  if args.plain else [])
-    for observer in [] if args.no_qdet else args.observers.split(","):
+    fixes = args.overflow_fix.split(",")
+    for observer, fix in [] if args.no_qdet else [(o, f) for o in args.observers.split(",") for f in fixes]:
         for label, ptq in bc_variants:
             t = time.perf_counter()
-            cfg = qdet.QuantConfig(activations=qdet.Observer(observer), ptq=ptq)
+            cfg = qdet.QuantConfig(activations=qdet.Observer(observer), ptq=ptq, overflow_fix=fix)
             qm = qdet.quantize(model, make_loader(calib, 32), cfg)  # no adapter: the generic path
             print(qdet.coverage(qm).table())
-            name = f"qdet int8, {observer}{label}" + (" (default)" if cfg == qdet.QuantConfig() else "")
+            weights = f", overflow fix {fix}" + (f" = {qm.config.overflow_fix.value}" if fix == "auto" else "")
+            name = (f"qdet int8, {observer}{label}{weights if len(fixes) > 1 or fix != 'auto' else ''}"
+                    + (" (default)" if cfg == qdet.QuantConfig() else ""))
             if not args.no_fake_quant:
                 row(f"{name} (fake-quant)", qm, t)
             t = time.perf_counter()
