@@ -72,15 +72,20 @@ def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "logit_mse": round(float(((logits - ref) ** 2).mean()), 4), "kl": round(float(kl), 4)}
 
 
-def nncf_openvino(model: torch.nn.Module, calib_loader, example: torch.Tensor, bias_correction: bool = True):
-    """NNCF's default PTQ (its own defaults: mean-of-per-sample min/max ranges, fast bias correction)
-    compiled by OpenVINO; `bias_correction=False` switches its fast bias correction off."""
+def nncf_openvino(model: torch.nn.Module, calib_loader, example: torch.Tensor, bias_correction: bool = True,
+                  overflow_fix: str | None = None):
+    """NNCF's default PTQ (its own defaults: mean-of-per-sample min/max ranges, fast bias correction, overflow
+    fix on the first layer only) compiled by OpenVINO; `bias_correction=False` switches its fast bias
+    correction off, `overflow_fix` ("enable", "first_layer_only", "disable") sets NNCF's OverflowFix."""
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     dataset = nncf.Dataset(calib_loader, lambda batch: batch[0])  # one image per item: subset_size counts images
-    extra = {} if bias_correction else {"advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)}
+    params = {} if bias_correction else {"disable_bias_correction": True}
+    if overflow_fix is not None:
+        params["overflow_fix"] = OverflowFix(overflow_fix)
+    extra = {"advanced_parameters": AdvancedQuantizationParameters(**params)} if params else {}
     quantized = nncf.quantize(model, dataset, subset_size=len(calib_loader.dataset), **extra)
     ov_model = ov.convert_model(quantized, example_input=example)
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--overflow-fix", default="auto",
                     help="comma-separated qdet.OverflowFix values (auto, none, first_layer, all), one qdet row set "
                          "each: 7-bit weights where int8 kernels saturate (x86 without VNNI; default: auto)")
+    ap.add_argument("--nncf-overflow-fix", metavar="MODE",
+                    help="also an NNCF row with its OverflowFix MODE (enable, first_layer_only, disable)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +167,11 @@ def main() -> None:
                 t = time.perf_counter()
                 fn = nncf_openvino(model, make_loader(calib, 1), torch.zeros(1, 3, 240, 240), bias_correction)
                 row("NNCF default int8 (OpenVINO)" if bias_correction else "NNCF, no bias correction (OpenVINO)", fn, t)
+            if args.nncf_overflow_fix:
+                t = time.perf_counter()
+                fn = nncf_openvino(model, make_loader(calib, 1), torch.zeros(1, 3, 240, 240),
+                                   overflow_fix=args.nncf_overflow_fix)
+                row(f"NNCF, overflow fix {args.nncf_overflow_fix} (OpenVINO)", fn, t)
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
