@@ -190,3 +190,9 @@ def test_on_this_cpu_eight_bit_weights_saturate_and_seven_bit_do_not(runtime):
     seven = qdet.quantize(WideStem().eval(), calib, QuantConfig(overflow_fix=OverflowFix.ALL), progress=False)
     assert _steps_off(eight, runtime, x) > 10  # the kernel clipped pair sums at 32,767
     assert _steps_off(seven, runtime, x) <= 1
+
+
+def test_machine_docstring_examples_hold():
+    import doctest
+
+    assert doctest.testmod(machine).failed == 0
