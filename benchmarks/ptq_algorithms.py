@@ -3,8 +3,8 @@
 CIFAR-10 (`--model resnet20`, any registered CIFAR adapter): calibration on --calib-images seeded
 images of the CIFAR-10 test folder (the only CIFAR images bundled; no labels are used), top-1 on
 all 10,000 test images and on the held-out rest. Weights: --bits per-channel symmetric (narrow
-range); activations uint8 per tensor (histogram observer). Top-1 is the fake-quant reference
-(4/3-bit weights have no int8 runtime kernel). recovered_pct: share of the plain-PTQ drop won back.
+range); activations uint8 per tensor (histogram observer). Top-1 is the fake-quant reference (the
+runtimes would run 4/3-bit weights as int8 codes: the same numbers, no int4 speed). recovered_pct: share of the plain-PTQ drop won back.
 
     python benchmarks/ptq_algorithms.py --model resnet20 --bits 4 3 --calib-images 1024 --json runs/ptq_resnet20.json
 
