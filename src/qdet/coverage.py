@@ -127,16 +127,12 @@ def coverage(qmodel: Any, *, lowered: nn.Module | None = None) -> Coverage:
 def _overflow_fixed_layers(qmodel: Any) -> int:
     """Conv/linear layers whose 8-bit weight spec the overflow fix narrowed to 7 bits."""
     from qdet.config import OverflowFix
+    from qdet.quant.quantizer import weight_quantizers
 
     if qmodel.config.overflow_fix in (OverflowFix.NONE, OverflowFix.AUTO):
         return 0
-    count = 0
-    for region in qmodel.regions.values():
-        for m in region.module.modules():
-            spec = getattr(getattr(m, "weight_quant", None), "spec", None)
-            if spec is not None and spec.bits == 7 and spec.signed and spec.symmetric:
-                count += 1
-    return count
+    return sum(q.spec.bits == 7 and q.spec.signed and q.spec.symmetric
+               for region in qmodel.regions.values() for _, q in weight_quantizers(region.module))
 
 
 def warn_if_mostly_float(cov: Coverage) -> None:

@@ -62,17 +62,17 @@ def _this_cpu() -> CpuInfo:
 INT8_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def isa_summary(cpu: CpuInfo | None = None) -> str:
+def isa_summary(cpu: CpuInfo | None = None, machine: str | None = None) -> str:
     """The int8-relevant ISA flags this CPU has, e.g. "avx2 fma (no VNNI: int8 pairs saturate)".
 
-    >>> isa_summary(CpuInfo("AMD EPYC", frozenset({"avx2", "fma", "sse4_2"})))
+    >>> isa_summary(CpuInfo("AMD EPYC", frozenset({"avx2", "fma", "sse4_2"})), machine="x86_64")
     'avx2 fma (no VNNI: int8 pairs saturate)'
     """
     cpu = cpu or _this_cpu()
     if not cpu.available:
         return "lscpu unavailable"
     present = " ".join(f for f in INT8_ISA_FLAGS if f in cpu.flags) or "none of avx2/avx512/vnni/amx"
-    return present + (" (no VNNI: int8 pairs saturate)" if int8_dot_saturates(cpu, "x86_64") else "")
+    return present + (" (no VNNI: int8 pairs saturate)" if int8_dot_saturates(cpu, machine) else "")
 
 
 def load_average() -> str:

@@ -146,7 +146,7 @@ class _Inserter:
         self.fused_into_add: set[fx.Node] = set()  # convs whose output the add quantizes (FUSE_CONV_ADD)
         self.decode_tail: set[fx.Node] = set()
         self.float_ops: list[str] = []  # ops kept float as box decoding
-        self.first_layers = _first_weighted_nodes(gm)  # OverflowFix.FIRST_LAYER
+        self.first_layers = _first_weighted_nodes(gm) if cfg.overflow_fix is OverflowFix.FIRST_LAYER else set()
 
     # ---------- naming and per-layer config ----------
     def layer_name(self, node: fx.Node) -> str:
@@ -414,8 +414,7 @@ def _first_weighted_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     first: set[fx.Node] = set()
     for node in gm.graph.nodes:
         upstream = any(weighted_upstream.get(a, False) for a in node.all_input_nodes)
-        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        weighted = mod is not None and module_kind(mod) in WEIGHTED
+        weighted = _has_weight(gm, node)
         if weighted and not upstream:
             first.add(node)
         weighted_upstream[node] = upstream or weighted

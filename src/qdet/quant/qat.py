@@ -31,6 +31,7 @@ from qdet.quant.quantizer import (
     QuantLinear,
     copy_conv,
     make_weight_quantizer,
+    weight_quantizers,
 )
 
 
@@ -113,14 +114,8 @@ def fold_batchnorms_qat(gm: fx.GraphModule) -> list[str]:
     return fold_batchnorms(gm, QATConvBn2d.from_conv_bn)
 
 
-def _weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, Quantizer]]:
-    for m in model.modules():
-        if isinstance(m, (QuantConv2d, QuantLinear)) and isinstance(m.weight_quant, Quantizer):
-            yield m, m.weight_quant
-
-
 def _activation_quantizers(model: nn.Module) -> Iterator[Quantizer]:
-    weight_qs = {id(q) for _, q in _weight_quantizers(model)}
+    weight_qs = {id(q) for _, q in weight_quantizers(model)}
     for m in model.modules():
         if isinstance(m, Quantizer) and id(m) not in weight_qs:
             yield m
@@ -132,7 +127,7 @@ def start_qat(model: nn.Module) -> None:
     The observers keep their state (EMA continues from the calibrated range) instead of being
     discarded as PTQ's `finalize` does.
     """
-    for _, q in _weight_quantizers(model):
+    for _, q in weight_quantizers(model):
         q.dynamic = True
     for q in _activation_quantizers(model):
         if q.observer is not None and q.observer.num_batches > 0:
@@ -170,7 +165,7 @@ def convert_qat(model: nn.Module) -> None:
             if isinstance(mod, QATConvBn2d):
                 parent, _, attr = name.rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, attr, mod.to_quant_conv())
-    for mod, q in _weight_quantizers(model):
+    for mod, q in weight_quantizers(model):
         q.dynamic = False
         q.set_qparams(*_static_weight_qparams(mod.weight.detach(), q))
     for q in _activation_quantizers(model):

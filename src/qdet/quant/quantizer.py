@@ -7,7 +7,7 @@ activation quantizers update an EMA observer and their qparams at every training
 """
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -281,6 +281,13 @@ def weight_codes(weight: torch.Tensor, q: Quantizer) -> torch.Tensor:
     [[64, -127]]
     """
     return _quantize_codes(weight.double(), q.scale.double(), q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.axis)
+
+
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[QuantConv2d | QuantLinear, Quantizer]]:
+    """Every quantized conv/linear of `model` with its weight quantizer."""
+    for m in model.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)) and isinstance(m.weight_quant, Quantizer):
+            yield m, m.weight_quant
 
 
 def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec, name: str) -> Quantizer:

@@ -84,11 +84,11 @@ class Runtime(ABC):
     def warn_if_saturating(self, qmodel: QuantizedModel) -> None:
         """8-bit weights on a CPU whose int8 kernels saturate: results may differ from the simulation."""
         from qdet.bench.machine import int8_dot_saturates
+        from qdet.quant.quantizer import weight_quantizers
 
         if not (self.int8_kernels_may_saturate and int8_dot_saturates()):
             return
-        specs = (getattr(getattr(m, "weight_quant", None), "spec", None) for m in qmodel.model.modules())
-        if any(spec is not None and spec.bits == 8 for spec in specs):
+        if any(q.spec.bits == 8 for _, q in weight_quantizers(qmodel.model)):
             warnings.warn(f"this CPU has no VNNI: {self.name}'s int8 kernels add weight×activation pairs in int16 and "
                           "saturate with 8-bit weights, so results may differ from qdet's simulation; quantize with "
                           "overflow_fix=OverflowFix.ALL (--overflow-fix all, the default 'auto' on this CPU)", stacklevel=3)

@@ -22,7 +22,7 @@ from torch import nn
 
 from qdet.errors import ConfigError, RuntimeUnavailable
 from qdet.fileio import write_atomically
-from qdet.quant.quantizer import Quantizer, clamp_to_grid_range, is_narrow_weight_spec
+from qdet.quant.quantizer import Quantizer, clamp_to_grid_range, is_narrow_weight_spec, weight_quantizers
 
 OPSET = 17
 
@@ -32,8 +32,7 @@ def export_mode(module: nn.Module) -> Iterator[None]:
     """Quantizers emit Q/DQ ops; weights narrower than 8 bits are clamped to their own range for the
     export (restored after), so the int8 codes folded into the file are the narrow ones."""
     quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
-    narrow = [m for m in module.modules() if isinstance(getattr(m, "weight_quant", None), Quantizer)
-              and m.weight_quant.enabled and m.weight_quant.calibrated and is_narrow_weight_spec(m.weight_quant.spec)]
+    narrow = [m for m, q in weight_quantizers(module) if q.enabled and q.calibrated and is_narrow_weight_spec(q.spec)]
     saved = [m.weight.detach().clone() for m in narrow]
     try:
         with torch.no_grad():
