@@ -18,8 +18,10 @@ int8 codes in [-7, 7]; 8-bit ones 7-bit where the CPU's int8 kernels saturate, `
         --weights-kinds int8_pc int8_pt int4_pc --methods plain,bc,bc_analytic --layerwise-images 128 \
         --json runs/ptq_lite1.json
 
-Methods (comma-separated --methods): plain, cle, bc (empirical bias correction), bc_analytic
-(BN-statistics bias correction), adaround, cle+adaround+bc, ... any '+' combination.
+Methods (comma-separated --methods): plain, cle, cle_relu6 (CLE after ReLU6 → ReLU between convs;
+Lite1 then also gets a float row of that changed model, quantizers off), bc (empirical bias
+correction), bc_analytic (BN-statistics bias correction), bc_float, adaround, cle+adaround+bc, ...
+any '+' combination.
 """
 from __future__ import annotations
 
@@ -48,16 +50,18 @@ from qdet.report.table import format_table
 
 def algorithms(method: str, iterations: int, seed: int, images: int = 1024) -> PTQAlgorithms:
     """'cle+adaround+bc' → PTQAlgorithms(...); 'plain' → none (no bias correction either);
-    bc = empirical, bc_analytic = from BN statistics, bc_float = float input means (qdet's default)."""
+    bc = empirical, bc_analytic = from BN statistics, bc_float = float input means (qdet's default);
+    cle_relu6 = cle with ReLU6 between convs replaced by ReLU."""
     parts = set(method.split("+")) - {"plain"}
-    unknown = parts - {"cle", "bc", "bc_analytic", "bc_float", "adaround"}
+    unknown = parts - {"cle", "cle_relu6", "bc", "bc_analytic", "bc_float", "adaround"}
     if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, bc, bc_analytic, bc_float, adaround "
-                         "joined by +")
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use plain, cle, cle_relu6, bc, bc_analytic, "
+                         "bc_float, adaround joined by +")
     bc = (BiasCorrection(max_images=images) if "bc" in parts else
           BiasCorrection(BiasCorrectionMode.ANALYTIC) if "bc_analytic" in parts else
           BiasCorrection(BiasCorrectionMode.FLOAT_MEANS) if "bc_float" in parts else None)
-    return PTQAlgorithms(cle="cle" in parts, bias_correction=bc,
+    return PTQAlgorithms(cle=bool(parts & {"cle", "cle_relu6"}), relu6_to_relu="cle_relu6" in parts,
+                         bias_correction=bc,
                          adaround=AdaRound(iterations=iterations, seed=seed, max_images=images)
                          if "adaround" in parts else None)
 
@@ -85,6 +89,16 @@ def lite1_main(args: argparse.Namespace) -> None:
           f"{args.threads} threads; {platform.processor() or platform.machine()}", flush=True)
     rows = [{"weights": "float", "method": "-", "runtime": "PyTorch", "top1": loader_top1(model, evaluation)}]
     print(rows[-1], flush=True)
+    if "cle_relu6" in args.methods:  # the float model those rows start from: ReLU6 → ReLU, then exact CLE
+        from qdet.quant.calibrate import quantization_disabled
+
+        changed = api.quantize(model, make_loader(Subset(calib, range(8)), 8), QuantConfig(
+            ptq=PTQAlgorithms(cle=True, relu6_to_relu=True, bias_correction=None)), progress=False)
+        with quantization_disabled(changed):
+            rows.append({"weights": "float", "method": "cle_relu6 (quantizers off)", "runtime": "PyTorch",
+                         "top1": loader_top1(changed, evaluation)})
+        rows[-1]["d_top1"] = rows[-1]["top1"] - rows[0]["top1"]
+        print(rows[-1], flush=True)
     for kind in args.weights_kinds:
         label, spec = WEIGHT_KINDS[kind]
         for method in args.methods.split(","):

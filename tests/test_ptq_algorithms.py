@@ -115,6 +115,51 @@ def test_cle_in_quantize_is_exact_in_float_and_reloads() -> None:
         assert torch.equal(loaded(x), qm(x))
 
 
+def test_cle_through_relu6_replaces_it_by_relu_and_reports_it() -> None:
+    import torch.nn.functional as F
+
+    torch.manual_seed(2)
+
+    class Lite(nn.Module):  # one shared ReLU6 module, a functional relu6 and a hardtanh(0, 6)
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.c3, self.c4 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+            self.act = nn.ReLU6()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c3(F.relu6(self.c2(self.act(self.c1(x)))))
+            return self.c4(F.hardtanh(y, 0.0, 6.0)) + self.act(y).sum()  # y has two users: no c3 → c4 chain
+
+    net = Lite().eval()
+    with torch.no_grad():
+        net.c1.weight[:4].mul_(40.0)
+    gm = fx.symbolic_trace(net)
+    x = 0.05 * torch.randn(2, 3, 6, 6)  # small inputs: every pre-activation stays below 6
+    with torch.no_grad():
+        ref, pre = gm(x), net.c1(x)
+    assert float(pre.max()) < 6.0
+    spread = lambda r: float(r.max() / r.min())
+    before = spread(_out_ranges(gm)["c1"])
+    pairs = equalize(gm, high_bias_absorption=False, relu6_to_relu=True)
+    assert [(p.first, p.second, p.through, p.relu6_replaced) for p in pairs] == \
+        [("c1", "c2", "relu", True), ("c2", "c3", "relu", True)]
+    assert spread(_out_ranges(gm)["c1"]) < 0.2 * before
+    assert torch.allclose(gm(x), ref, atol=1e-5, rtol=0)  # ReLU = ReLU6 below 6
+    targets = [n.target for n in gm.graph.nodes if n.op != "placeholder"]
+    assert targets.count(F.relu) == 2 and targets.count("act") == 1  # the shared module's other call stays ReLU6
+    assert F.hardtanh in targets  # its conv has two users: not a chain, left alone
+    with pytest.raises(ConfigError, match="needs cle"):
+        PTQAlgorithms(relu6_to_relu=True)
+    qm = qdet.quantize(net, [x], QuantConfig(ptq=PTQAlgorithms(cle=True, relu6_to_relu=True)), progress=False)
+    assert sum(p["relu6_replaced"] for p in qm.metrics["cle_pairs"]) == 2
+    relus = [n for n in qm.regions[""].module.graph.nodes if n.target is F.relu]
+    assert [n.args[0].target for n in relus] == ["c1", "c2"]  # fused: conv → relu → one output quantizer
+    loaded = qdet.load(qdet.save(qm, Path(tempfile.mkdtemp()) / "relu6.qdet"), net)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qm(x))
+
+
 def test_high_bias_absorption_is_exact_where_relu_passes_everything() -> None:
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
@@ -253,6 +298,9 @@ def test_cli_flags_build_the_algorithms_and_the_layer_table() -> None:
         BiasCorrectionMode.ANALYTIC
     with pytest.raises(ConfigError, match="--adaround-iters needs --adaround"):
         ptq_from_args(p.parse_args(["--adaround-iters", "5"]))
+    assert ptq_from_args(p.parse_args(["--cle", "--cle-relu6-to-relu"])).relu6_to_relu
+    with pytest.raises(ConfigError, match="--cle-relu6-to-relu needs --cle"):
+        ptq_from_args(p.parse_args(["--cle-relu6-to-relu"]))
     with pytest.raises(ConfigError, match="--bias-correction mode"):
         ptq_from_args(p.parse_args(["--bias-correction", "magic"]))
     net = _net()

@@ -225,6 +225,10 @@ class PTQAlgorithms:
     cle: cross-layer equalization (Nagel et al. 2019) of conv→(ReLU/LeakyReLU/identity)→conv/linear
         chains, depthwise included, on the BN-folded float model before calibration (exact in
         float); ReLU6 chains are left alone (scaling would move where ReLU6 clips).
+    relu6_to_relu: with cle, replace each ReLU6 between two convs by ReLU and equalize those chains
+        too (Nagel et al. do this for MobileNetV2; AIMET always does). Not exact: the float model
+        changes wherever a pre-activation exceeds 6. Depthwise models with ReLU6 (MobileNetV2,
+        EfficientNet-Lite) have no other chain, so without it cle does nothing on them.
     high_bias_absorption: with cle, move β − 3γ (BN statistics) of each equalized conv's bias
         into the next layer where ReLU passes it through unchanged.
     adaround: learned rounding per layer (`AdaRound`), None: round to nearest.
@@ -241,6 +245,11 @@ class PTQAlgorithms:
     high_bias_absorption: bool = True
     adaround: AdaRound | None = None
     bias_correction: BiasCorrection | None = BiasCorrection(BiasCorrectionMode.FLOAT_MEANS)
+    relu6_to_relu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.relu6_to_relu and not self.cle:
+            raise ConfigError("PTQAlgorithms relu6_to_relu=True needs cle=True (it only serves equalization)")
 
     @property
     def layerwise(self) -> bool:

@@ -6,7 +6,8 @@
     ... # doctest: +NORMALIZE_WHITESPACE
     PTQAlgorithms(cle=False, high_bias_absorption=True, adaround=AdaRound(iterations=200, batch_size=32,
         max_images=1024, lr=0.01, reg_weight=0.01, beta_start=20.0, beta_end=2.0, warmup=0.2, seed=0),
-        bias_correction=BiasCorrection(mode=<BiasCorrectionMode.EMPIRICAL: 'empirical'>, max_images=1024))
+        bias_correction=BiasCorrection(mode=<BiasCorrectionMode.EMPIRICAL: 'empirical'>, max_images=1024),
+        relu6_to_relu=False)
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def add_ptq_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cle", action="store_true",
                    help="cross-layer equalization (with high-bias absorption) of conv→ReLU/LeakyReLU/identity→conv "
                         "chains, depthwise included, before calibration")
+    g.add_argument("--cle-relu6-to-relu", action="store_true",
+                   help="with --cle: replace ReLU6 between two convs by ReLU and equalize those chains too "
+                        "(changes the float model where a pre-activation exceeds 6; MobileNetV2/EfficientNet-Lite "
+                        "have no other chains)")
     g.add_argument("--bias-correction", nargs="?", const="empirical", default=None, metavar="MODE",
                    help="fold the mean output shift into the biases: float_means (the default without this flag: "
                         "E[(W − Q(W)) * x] from the float calibration inputs, no extra pass), empirical (the flag "
@@ -55,7 +60,10 @@ def ptq_from_args(args: argparse.Namespace) -> PTQAlgorithms:
         bc = None
     else:
         bc = BiasCorrection(parse_enum(BiasCorrectionMode, mode, "--bias-correction mode"))
-    return PTQAlgorithms(cle=getattr(args, "cle", False), bias_correction=bc,
+    cle, relu6 = getattr(args, "cle", False), getattr(args, "cle_relu6_to_relu", False)
+    if relu6 and not cle:
+        raise ConfigError("--cle-relu6-to-relu needs --cle")
+    return PTQAlgorithms(cle=cle, bias_correction=bc, relu6_to_relu=relu6,
                          adaround=AdaRound(iterations=iters or 1000) if adaround else None)
 
 

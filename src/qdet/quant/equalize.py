@@ -12,7 +12,10 @@ High-bias absorption then moves c = max(0, β − 3γ) (β, γ: the folded BN's 
 channel) out of conv1's bias and into conv2's: ReLU(x − c) = ReLU(x) − c wherever x ≥ c, which
 holds for all but ~0.1 % of a Gaussian pre-activation; it is not exact at zero-padded borders.
 
-ReLU6 is not positively homogeneous (it clips at 6), so chains through ReLU6 are left alone.
+ReLU6 is not positively homogeneous (it clips at 6), so chains through ReLU6 are left alone —
+unless `relu6_to_relu` asks to replace those ReLU6 by ReLU first, as the paper does for MobileNetV2
+(and AIMET's equalize_model always does). That changes the float function wherever a
+pre-activation exceeds 6; the replaced call sites are reported (`EqualizedPair.relu6_replaced`).
 
     >>> import torch
     >>> from torch import fx, nn
@@ -29,6 +32,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qdet.quant.fusion import BN_STATS, bn_stats
@@ -48,6 +52,7 @@ class EqualizedPair:
     second: str
     through: str  # the op kinds in between, e.g. "relu"
     absorbed: bool = False
+    relu6_replaced: bool = False  # a ReLU6 in between became ReLU (the float function changed)
 
 
 def _module(gm: fx.GraphModule, node: object) -> nn.Module | None:
@@ -60,11 +65,13 @@ def _weighted(mod: nn.Module | None) -> bool:
     return type(mod) is nn.Conv2d and mod.padding_mode == "zeros"
 
 
-def find_pairs(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[fx.Node], fx.Node]], list[str]]:
+def find_pairs(gm: fx.GraphModule, *, through_relu6: bool = False
+               ) -> tuple[list[tuple[fx.Node, list[fx.Node], fx.Node]], list[str]]:
     """conv → homogeneous ops → conv chains, each value used once along the way.
 
     Returns (pairs, skipped): pairs as (first, nodes between, second); skipped names chains that
-    only ReLU6 (or another clipping op) keeps from equalizing."""
+    only ReLU6 keeps from equalizing. With `through_relu6`, ReLU6 counts as homogeneous (the caller
+    replaces it by ReLU) and nothing is skipped."""
     pairs: list[tuple[fx.Node, list[fx.Node], fx.Node]] = []
     skipped: list[str] = []
     for node in gm.graph.nodes:
@@ -81,7 +88,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[fx.Node], f
                 if isinstance(second, nn.Conv2d) and _weighted(second) and nxt.args and nxt.args[0] is cur:
                     pairs.append((node, between, nxt))
                 break
-            if kind in _HOMOGENEOUS:
+            if kind in _HOMOGENEOUS or (through_relu6 and kind is OpKind.RELU6):
                 between.append(nxt)
                 cur = nxt
                 continue
@@ -146,16 +153,33 @@ def _absorb(first: nn.Conv2d, second: nn.Conv2d, between_kinds: list[OpKind]) ->
     return True
 
 
-def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True) -> list[EqualizedPair]:
+def _as_relu(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Replace one ReLU6 call site (module, F.relu6 or hardtanh(0, 6)) by F.relu on the same input;
+    a ReLU6 module shared with other call sites stays ReLU6 there."""
+    with gm.graph.inserting_before(node):
+        relu = gm.graph.call_function(F.relu, (node.args[0] if node.args else node.kwargs["input"],))
+    relu.meta = dict(node.meta)
+    node.replace_all_uses_with(relu)
+    gm.graph.erase_node(node)
+    return relu
+
+
+def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True,
+             relu6_to_relu: bool = False) -> list[EqualizedPair]:
     """Equalize every conv → (ReLU/LeakyReLU/identity/pooling) → conv pair of `gm` in place
-    (touched modules are replaced by copies); returns the pairs. Run it on the BN-folded graph."""
-    pairs, _ = find_pairs(gm)
+    (touched modules are replaced by copies); returns the pairs. Run it on the BN-folded graph.
+    With `relu6_to_relu`, ReLU6 between two convs becomes ReLU and those chains are equalized too."""
+    found, _ = find_pairs(gm, through_relu6=relu6_to_relu)
+    pairs: list[tuple[fx.Node, list[fx.Node], fx.Node, bool]] = []
+    for a, between, b in found:
+        replaced = [op_kind(n, gm) is OpKind.RELU6 for n in between]
+        pairs.append((a, [_as_relu(gm, n) if r else n for n, r in zip(between, replaced)], b, any(replaced)))
     owned: set[str] = set()
     result: list[EqualizedPair] = []
     with torch.no_grad():
         for _ in range(_ROUNDS):
             moved = 0.0
-            for a, _between, b in pairs:
+            for a, _between, b, _ in pairs:
                 first, second = _own(gm, a, owned), _own(gm, b, owned)
                 r1 = _out_ranges(first.weight)
                 r2 = _in_ranges(second, first.out_channels)
@@ -171,11 +195,11 @@ def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True) -> list[E
                 moved = max(moved, float((s - 1).abs().max()))
             if moved < 1e-6:
                 break
-        for a, between, b in pairs:
+        for a, between, b, replaced in pairs:
             kinds = [op_kind(n, gm) for n in between]
             absorbed = high_bias_absorption and _absorb(gm.get_submodule(str(a.target)),
                                                         gm.get_submodule(str(b.target)), kinds)
             result.append(EqualizedPair(str(a.target), str(b.target), "+".join(k.value for k in kinds) or "identity",
-                                        absorbed))
+                                        absorbed, replaced))
     gm.recompile()
     return result

@@ -553,7 +553,8 @@ def prepare_region(
     modularize_functional_ops(gm)
     folded = fold_batchnorms_qat(gm) if qat else fold_batchnorms(gm)
     # data-free and exact in float, so a load re-derives the same weights before the state is restored
-    equalized = equalize(gm, high_bias_absorption=cfg.ptq.high_bias_absorption) if cfg.ptq.cle and not qat else []
+    equalized = equalize(gm, high_bias_absorption=cfg.ptq.high_bias_absorption,
+                         relu6_to_relu=cfg.ptq.relu6_to_relu) if cfg.ptq.cle and not qat else []
     if not cfg.fuse_silu:
         decompose_silu(gm)
     _propagate_shapes(gm, example_inputs)
