@@ -160,6 +160,28 @@ def test_cle_through_relu6_replaces_it_by_relu_and_reports_it() -> None:
         assert torch.equal(loaded(x), qm(x))
 
 
+def test_relu6_to_relu_warns_when_bn_statistics_say_relu6_clipped() -> None:
+    def net(mean: float) -> fx.GraphModule:
+        torch.manual_seed(3)
+        seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 4, 1)).eval()
+        with torch.no_grad():
+            seq[1].running_mean.zero_(), seq[1].running_var.fill_(1.0)
+            seq[1].weight.fill_(2.0), seq[1].bias.fill_(mean)  # folded pre-activation ~ N(mean, 2²)
+        gm = fx.symbolic_trace(seq)
+        fold_batchnorms(gm)
+        return gm
+
+    with pytest.warns(UserWarning, match=r"1 of 1 replaced layers .*\(0 50\.0 %\)"):
+        pairs = equalize(net(6.0), relu6_to_relu=True)  # half of N(6, 2²) lies above 6
+    assert pairs[0].above6 == pytest.approx(0.5, abs=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = equalize(net(-2.0), relu6_to_relu=True)  # 6 is 4 std above the mean: 3e-5 above
+    assert quiet[0].relu6_replaced and quiet[0].above6 < 1e-4
+
+
 def test_high_bias_absorption_is_exact_where_relu_passes_everything() -> None:
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()

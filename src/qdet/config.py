@@ -226,9 +226,10 @@ class PTQAlgorithms:
         chains, depthwise included, on the BN-folded float model before calibration (exact in
         float); ReLU6 chains are left alone (scaling would move where ReLU6 clips).
     relu6_to_relu: with cle, replace each ReLU6 between two convs by ReLU and equalize those chains
-        too (Nagel et al. do this for MobileNetV2; AIMET always does). Not exact: the float model
-        changes wherever a pre-activation exceeds 6. Depthwise models with ReLU6 (MobileNetV2,
-        EfficientNet-Lite) have no other chain, so without it cle does nothing on them.
+        too, as Nagel et al. do for MobileNetV2 (AIMET before 2.4 did it unasked; 2.4+ asks the user
+        to). Not exact: the float model changes wherever a pre-activation exceeds 6. Depthwise
+        models with ReLU6 (MobileNetV2, EfficientNet-Lite) have no other chain, so without it cle
+        does nothing on them.
     high_bias_absorption: with cle, move β − 3γ (BN statistics) of each equalized conv's bias
         into the next layer where ReLU passes it through unchanged.
     adaround: learned rounding per layer (`AdaRound`), None: round to nearest.
