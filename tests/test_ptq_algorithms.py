@@ -254,6 +254,12 @@ def test_analytic_bias_correction_uses_bn_statistics() -> None:
     from qdet.quant.bias_correction import clipped_normal_mean
     est = clipped_normal_mean(torch.tensor([0.3]), torch.tensor([1.5]), 0.0, 6.0)
     assert abs(float(est) - float(y.clamp(0, 6).mean())) < 0.01
+    # TF-"same" convs (EfficientNet-Lite) pad before the conv: the mean passes the zero padding
+    padded = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(), nn.ZeroPad2d((0, 1, 0, 1)),
+                           nn.Conv2d(8, 4, 2)).eval()
+    _randomise_bn(padded)
+    qp = qdet.quantize(padded, [x], cfg, progress=False)
+    assert set(analytic_input_means(qp.regions[""].module)) == {qp.model.get_submodule("4")}
 
 
 # ---------------------------------------------------------------- AdaRound

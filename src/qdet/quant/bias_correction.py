@@ -163,7 +163,7 @@ def clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, lo: float | None,
 
 def analytic_input_means(gm: fx.GraphModule) -> dict[nn.Module, torch.Tensor]:
     """Data-free E[x] per channel of each quantized conv/linear's input, from the BN statistics
-    of the conv producing it (through quantizers and one ReLU/ReLU6/LeakyReLU/identity): the analytic
+    of the conv producing it (through quantizers, zero padding and one ReLU/ReLU6/LeakyReLU/identity): the analytic
     variant of bias correction (Nagel et al. 2019). Layers fed by anything else are left out."""
     from qdet.quant.fusion import bn_stats
     from qdet.quant.opkinds import OpKind, op_kind
@@ -182,7 +182,9 @@ def analytic_input_means(gm: fx.GraphModule) -> dict[nn.Module, torch.Tensor]:
                 src = src.args[0]
                 continue
             kind = op_kind(src, gm)
-            if kind is OpKind.IDENTITY:
+            # zero padding (TF "same" convs pad before the conv) shifts the mean only at the borders,
+            # as a conv's own padding does: the analytic correction ignores both
+            if kind in (OpKind.IDENTITY, OpKind.ZERO_PAD):
                 src = src.args[0]
                 continue
             if bounds == (None, None) and slope is None and not isinstance(m, (QuantConv2d, QuantLinear)):
