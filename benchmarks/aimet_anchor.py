@@ -116,6 +116,7 @@ def lite1_main(args: argparse.Namespace) -> None:
     calib = [data[i][0] for i in half_a[: args.calib_images]]
     images = DataLoader(calib, batch_size=32)
     adaround_images = DataLoader(calib[: args.adaround_images], batch_size=32)
+    half_b = half_b[: args.eval_images] if args.eval_images else half_b
     evaluation = make_loader(Subset(data, half_b), 64)
     dummy = torch.zeros(1, 3, 240, 240)
     print(f"AIMET on EfficientNet-Lite1: calibration {len(calib)} images of half A (AdaRound: the first "
