@@ -8,6 +8,8 @@ evaluate on `seed+1`), caches the checkpoint (~/.cache/qdet/benchmarks, QDET_CAC
 
   1. float vs int8 mAP, scope `detector` (backbone + extra blocks + heads) and `backbone` (seed 003's
      "half-quantized"), with per-layer-group L1 and SQNR for both scopes;
+     when qdet flags calibration samples that dwarf the others (`qm.metrics["calibration_outliers"]`),
+     the detector scope again calibrated without them;
   2. the observer table: per-layer-group L1 and mAP for MinMax, Histogram and Percentile
      97.5 / 99 / 99.5 / 99.7 (whole detector);
   3. calibration on [0, 1] images while inference normalises (ssd300_resnet50 only): the warning
@@ -143,6 +145,20 @@ def calibration(args: argparse.Namespace, *, normalize: bool = True) -> list[Any
     return [[shapes[i][0] for i in range(j, min(j + 8, len(shapes)))] for j in range(0, len(shapes), 8)]
 
 
+def _without(batches: list[Any], drop: set[int]) -> list[Any]:
+    """The calibration batches minus the samples at the given positions (calibration order): r50
+    batches are [images (B, 3, S, S), ids (B,)], ssdlite batches lists of (3, H, W) images."""
+    out, i = [], 0
+    for b in batches:
+        stacked = isinstance(b[0], torch.Tensor) and b[0].dim() == 4
+        n = len(b[0]) if stacked else len(b)
+        keep = [j for j in range(n) if i + j not in drop]
+        i += n
+        if keep:
+            out.append([b[0][keep], b[1][keep]] if stacked else [b[j] for j in keep])
+    return out
+
+
 def group(name: str) -> str:
     """Layer name → seed 003's granularity: stem / layer1..3 / extra block i / loc / conf (or 3 parts)."""
     m = re.search(r"feature_extractor\.feature_extractor\.(\d+)", name)
@@ -234,11 +250,24 @@ def main() -> None:
             m, stats = scored(adapter, int8_runner(qm, args), val)
             errs = grouped(layer_errors(qm, err_batches, ad.transform_fn(model)))
             report["scopes"][scope] = {"map": m, "drop_points": 100 * (float_map - m), "detections": stats,
-                                       "layers": errs}
+                                       "layers": errs, "calibration_outliers": qm.metrics.get("calibration_outliers")}
             print(f"int8 scope {scope:8s} ({args.runtime}): mAP {m:.4f}, drop {100 * (float_map - m):+.2f} points; "
                   f"{stats['detections_per_image']:.1f} detections per image, mean score {stats['mean_score']:.3f}")
             for g, e in errs.items():
                 print(f"    {g:28s} L1 {e['l1']:.3e}  min SQNR {e['sqnr_db']:6.1f} dB  ({e['layers']} points)")
+
+        # 1b. calibration samples that dwarf the others (qdet warns and lists them): the detector scope
+        # again without them, so the cost of those few samples is measured, not guessed
+        flagged = report["scopes"]["detector"].get("calibration_outliers")
+        if flagged:
+            keep = _without(calib, set(flagged["samples"]))
+            qm = quantize(model, adapter, keep, QuantConfig())
+            m, stats = scored(adapter, int8_runner(qm, args), val)
+            n_keep = args.calib_images - len(flagged["samples"])
+            report["scopes"]["detector_without_flagged"] = {"map": m, "calibration_images": n_keep,
+                                                            "flagged": flagged["samples"]}
+            print(f"int8 scope detector, calibrated without the {len(flagged['samples'])} samples qdet flagged "
+                  f"({n_keep} images): mAP {m:.4f}, drop {100 * (float_map - m):+.2f} points")
 
         # 2. observers (whole detector)
         report["observers"] = {}
