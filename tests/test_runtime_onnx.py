@@ -42,12 +42,16 @@ def test_int8_agrees_with_reference_within_output_steps(qm):
     with torch.no_grad():
         ref, out = qm(x), rt(x)
     step = float(qm.model.get_submodule(qm.layers[-1].quantizer).scale)
+    off = (ref - out).abs() / step
     # each int8 kernel requantizes with its own rounding (±1 LSB per layer); over 20 layers the
-    # logits stay within a few output steps of the simulation. On x86 without VNNI this holds with
-    # the 7-bit weights OverflowFix.AUTO picks there: with 8-bit weights onnxruntime's int16 pair
-    # sums saturate (AVX2-only AMD EPYC, 32 other unseen inputs: 8-bit mean 2.1 steps off, max 8; 7-bit mean
-    # 0.04, max 3; on these inputs the 7-bit max is exactly 4 steps)
-    assert float((ref - out).abs().max()) <= 4 * step * (1 + 1e-5)  # 4 steps exactly, up to float rounding
+    # logits stay within a few output steps of the simulation, and on average well under one. The
+    # mean is what catches a wrong kernel: on x86 without VNNI, 8-bit weights make onnxruntime's
+    # int16 pair sums saturate (AVX2-only AMD EPYC, 32 other unseen inputs: mean 2.1 steps off,
+    # max 8), which the 7-bit weights OverflowFix.AUTO picks there avoid (mean 0.04, max 3). The
+    # maximum depends on the CPU's kernels: 4 steps on that EPYC, 7 on an AMX Xeon with
+    # onnxruntime 1.32 (mean 0.31 there, every argmax equal).
+    assert float(off.mean()) <= 0.5
+    assert float(off.max()) <= 8 * (1 + 1e-5)
     assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
 
 
