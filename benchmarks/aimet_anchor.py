@@ -45,15 +45,12 @@ def _config(name: str) -> str:
     return os.path.join(os.path.dirname(__import__("aimet_torch").__file__), "common", "quantsim_config", name)
 
 
-def _relu6_to_relu(model: torch.nn.Module) -> int:
-    """Every nn.ReLU6 becomes nn.ReLU (what AIMET < 2.4 did inside equalize_model); returns how many."""
-    count = 0
-    for name, mod in list(model.named_modules()):
+def _relu6_to_relu(model: torch.nn.Module) -> None:
+    """Every nn.ReLU6 module becomes nn.ReLU (what AIMET < 2.4 did inside equalize_model)."""
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.ReLU6):
                 setattr(mod, child_name, torch.nn.ReLU())
-                count += 1
-    return count
 
 
 def aimet_sim(float_model: torch.nn.Module, method: str, bits: int, dummy: torch.Tensor, images: DataLoader,
@@ -143,7 +140,6 @@ def lite1_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--bits", type=int, nargs="+", default=[4])

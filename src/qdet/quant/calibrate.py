@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from qdet.errors import CalibrationError
 from qdet.quant.bias_correction import correct_biases, input_means
 from qdet.quant.outliers import SamplePeaks
+from qdet.quant.outliers import summary as outlier_summary
 from qdet.quant.qparams import compute_qparams
 from qdet.quant.quantizer import CastQuantizer, QuantConv2d, QuantLinear, Quantizer, TiedQuantizer
 
@@ -162,15 +163,17 @@ def calibrate(
     With `bias_correction`, each conv/linear's bias also absorbs the mean shift its weight rounding
     causes on these inputs (`qdet.quant.bias_correction`)."""
     with calibration_mode(model), (input_means(model) if bias_correction else nullcontext({})) as means, \
-            SamplePeaks(model) as peaks:
+            SamplePeaks(model, activation_quantizers(model)) as peaks:
         count = run_batches(model, data, transform_fn, num_batches=num_batches, progress=progress,
                             desc="calibrating (batches)", total=total)
     if count == 0:
         raise CalibrationError("the calibration set is empty: no batch reached the model")
-    peaks.warn()
-    metrics = getattr(model, "metrics", None)
-    if isinstance(metrics, dict) and peaks.summary() is not None:
-        metrics["calibration_outliers"] = peaks.summary()
+    outliers = peaks.findings()
+    if outliers:
+        peaks.warn(outliers)
+        metrics = getattr(model, "metrics", None)  # a QuantizedModel keeps them for reports
+        if isinstance(metrics, dict):
+            metrics["calibration_outliers"] = outlier_summary(outliers)
     correct_biases(means)
     finalize(model)
     return count

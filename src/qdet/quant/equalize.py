@@ -188,13 +188,13 @@ def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True,
     (touched modules are replaced by copies); returns the pairs. Run it on the BN-folded graph.
     With `relu6_to_relu`, ReLU6 between two convs becomes ReLU and those chains are equalized too."""
     found, _ = find_pairs(gm, through_relu6=relu6_to_relu)
-    pairs: list[tuple[fx.Node, list[fx.Node], fx.Node, bool]] = []
-    above6: dict[str, float | None] = {}
+    pairs: list[tuple[fx.Node, list[fx.Node], fx.Node]] = []
+    above6: dict[str, float | None] = {}  # keyed by the first conv of each chain whose ReLU6 was replaced
     for a, between, b in found:
         replaced = [op_kind(n, gm) is OpKind.RELU6 for n in between]
         if any(replaced):
             above6[str(a.target)] = _share_above6(gm.get_submodule(str(a.target)))
-        pairs.append((a, [_as_relu(gm, n) if r else n for n, r in zip(between, replaced)], b, any(replaced)))
+        pairs.append((a, [_as_relu(gm, n) if r else n for n, r in zip(between, replaced)], b))
     clipped = {k: v for k, v in above6.items() if v is not None and v > _ABOVE6_WARN}
     if clipped:
         worst = sorted(clipped.items(), key=lambda kv: -kv[1])[:3]
@@ -207,7 +207,7 @@ def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True,
     with torch.no_grad():
         for _ in range(_ROUNDS):
             moved = 0.0
-            for a, _between, b, _ in pairs:
+            for a, _between, b in pairs:
                 first, second = _own(gm, a, owned), _own(gm, b, owned)
                 r1 = _out_ranges(first.weight)
                 r2 = _in_ranges(second, first.out_channels)
@@ -223,11 +223,12 @@ def equalize(gm: fx.GraphModule, *, high_bias_absorption: bool = True,
                 moved = max(moved, float((s - 1).abs().max()))
             if moved < 1e-6:
                 break
-        for a, between, b, replaced in pairs:
+        for a, between, b in pairs:
             kinds = [op_kind(n, gm) for n in between]
             absorbed = high_bias_absorption and _absorb(gm.get_submodule(str(a.target)),
                                                         gm.get_submodule(str(b.target)), kinds)
-            result.append(EqualizedPair(str(a.target), str(b.target), "+".join(k.value for k in kinds) or "identity",
-                                        absorbed, replaced, above6.get(str(a.target))))
+            first = str(a.target)
+            result.append(EqualizedPair(first, str(b.target), "+".join(k.value for k in kinds) or "identity",
+                                        absorbed, first in above6, above6.get(first)))
     gm.recompile()
     return result

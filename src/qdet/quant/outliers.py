@@ -8,7 +8,7 @@ shapes: 15 of 64 calibration images drove its class logits up to ~1,000× the me
 and whole-detector int8 mAP fell from 0.17 (float) to 0.00; calibrated on the other 49: 0.193.
 
 `SamplePeaks` records, during calibration, each sample's peak |x| at every activation quantizer
-and warns once, naming the layers and the samples (in calibration order) that stand out;
+and `warn` names the layers and the samples (in calibration order) that stand out;
 `qdet.quantize` also keeps them in `qm.metrics["calibration_outliers"]`.
 
     >>> import warnings
@@ -17,7 +17,7 @@ and warns once, naming the layers and the samples (in calibration order) that st
     >>> from qdet.config import default_activation_spec
     >>> net = nn.Sequential(nn.Identity(), Quantizer(default_activation_spec(), "out"))
     >>> x = torch.ones(8, 4); x[5] *= 500.0
-    >>> with SamplePeaks(net) as peaks:
+    >>> with SamplePeaks(net, [("out", net[1])]) as peaks:
     ...     _ = net(x)
     >>> [(f.layer, f.samples) for f in peaks.findings()]
     [('out', [5])]
@@ -27,10 +27,13 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from qdet.quant.quantizer import Quantizer
 
 RATIO = 10.0  # a sample stands out when its peak exceeds this multiple of the median sample's
 _MIN_SAMPLES = 4  # fewer samples give no meaningful median
@@ -56,14 +59,12 @@ def _batch_size(args: tuple[Any, ...]) -> int | None:
 
 
 class SamplePeaks:
-    """Context manager over one calibration pass of `model` (see the module docstring)."""
+    """Context manager over one calibration pass of `model`, watching its activation `quantizers`
+    ((module path, quantizer) pairs, as `qdet.quant.calibrate.activation_quantizers` yields them)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        from qdet.quant.quantizer import Quantizer
-
+    def __init__(self, model: nn.Module, quantizers: Iterable[tuple[str, Quantizer]]) -> None:
         self.model = model
-        self.quantizers = [(q.layer_name or name, q) for name, q in model.named_modules() if isinstance(q, Quantizer)
-                           and not name.endswith("weight_quant")]
+        self.quantizers = [(q.layer_name or name, q) for name, q in quantizers]
         self.peaks: dict[str, list[float]] = defaultdict(list)
         self._batch: int | None = None
         self._current: dict[str, torch.Tensor] = {}
@@ -113,17 +114,8 @@ class SamplePeaks:
                 found.append(Outlier(name, median, float(t.max()), idx))
         return sorted(found, key=lambda o: -o.max_peak / o.median_peak)
 
-    def summary(self) -> dict[str, Any] | None:
-        """{"samples": flagged sample indices, "layers": the ten worst `Outlier`s as dicts}, or None."""
-        found = self.findings()
-        if not found:
-            return None
-        return {"samples": sorted({i for o in found for i in o.samples}), "layers": [asdict(o) for o in found[:10]]}
-
-    def warn(self) -> None:
-        found = self.findings()
-        if not found:
-            return
+    def warn(self, found: list[Outlier]) -> None:
+        """One warning for these `findings()`: how many samples, the worst layers, which samples."""
         samples = sorted({i for o in found for i in o.samples})
         total = max(len(v) for v in self.peaks.values())
         worst = "; ".join(f"{o.layer} median {o.median_peak:.3g}, max {o.max_peak:.3g}" for o in found[:3])
@@ -132,3 +124,8 @@ class SamplePeaks:
                       f"{len(found)} quantized layer(s) ({worst}); they stretch those layers' per-tensor grids for "
                       f"everyone else. Samples (calibration order, from 0): {shown} — check them, or calibrate "
                       "without them", stacklevel=3)
+
+
+def summary(found: list[Outlier]) -> dict[str, Any]:
+    """{"samples": flagged sample indices, "layers": the ten worst `Outlier`s as dicts}."""
+    return {"samples": sorted({i for o in found for i in o.samples}), "layers": [asdict(o) for o in found[:10]]}
